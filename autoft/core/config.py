@@ -1,0 +1,35 @@
+"""The plain configuration of one fine-tuning run (what a search trial chooses)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrialConfig(BaseModel):
+    """Everything that decides one fine-tune. Engine-neutral; serialisable to YAML."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    backbone: str
+    unfreeze: int = Field(0, ge=0, description="train the last k stages; 0 = head only")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the unfrozen backbone stages")
+    head_lr_mult: float = Field(10.0, gt=0, description="head learning rate = lr * head_lr_mult")
+    head: Literal["linear", "mlp"] = "linear"
+    head_width: int = Field(256, ge=1)
+    head_depth: int = Field(1, ge=1, le=2, description="hidden layers of the MLP head")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(5, ge=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming up linearly")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+
+    @property
+    def head_lr(self) -> float:
+        return self.lr * self.head_lr_mult

@@ -1,0 +1,194 @@
+"""The core: fine-tune one configuration, then score it on validation data.
+
+Knows nothing about Optuna or Ray: it gets a :class:`TrialConfig`, a :class:`TaskData` and a
+:class:`Reporter`, reports the task's metric after every epoch, and stops when told to.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from autoft.core.cache import FeatureCache, trim_text
+from autoft.core.config import TrialConfig
+from autoft.core.metrics import MINIMIZE, compute_metrics
+from autoft.core.model import Classifier, build_head
+from autoft.core.reporter import NullReporter, Reporter
+from autoft.data.datasets import LabelledData
+from autoft.data.splits import Splits
+from autoft.errors import ConfigError, TrialFailed
+from autoft.zoo.base import index_state, state_to
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    """What the core needs of a task: data, splits, the metric to report, the device."""
+
+    data: LabelledData
+    splits: Splits
+    metric: str = "accuracy"
+    positive_index: int | None = None
+    device: str = "cpu"
+    name: str = "task"
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.metric in MINIMIZE else "maximize"
+
+
+@dataclass
+class FineTuneResult:
+    score: float  # the metric after the last epoch run (the trial's objective)
+    best_score: float
+    best_epoch: int
+    metrics: dict[str, float]  # all validation metrics after the last epoch
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, train_loss, metrics
+    epochs_run: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    test_metrics: dict[str, float] | None = None
+    model: Any = None  # the trained Classifier when asked for (return_model=True)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("model")
+        return d
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _lr_lambda(cfg: TrialConfig, total_steps: int):
+    warm = int(round(cfg.warmup * total_steps))
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _indices(splits: Splits, names: tuple[str, ...] | str) -> torch.Tensor:
+    names = (names,) if isinstance(names, str) else names
+    return torch.from_numpy(np.sort(np.concatenate([getattr(splits, n) for n in names]))).long()
+
+
+@torch.no_grad()
+def predict_logits(model: Classifier, feats, idx: torch.Tensor, start: int, device, batch: int = 512) -> torch.Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(idx), batch):
+        xb = state_to(trim_text(index_state(feats, idx[i:i + batch])), device)
+        out.append(model.forward_from(xb, start).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Reporter | None = None, *,
+                        cache: FeatureCache | None = None, use_cache: bool = True,
+                        train_on: tuple[str, ...] = ("train",), evaluate_on: str = "val",
+                        test: bool = False, return_model: bool = False) -> FineTuneResult:
+    """Fine-tune ``config`` on ``task`` and score it on the validation split after every epoch.
+
+    ``use_cache`` computes the frozen prefix once (exact: same numbers as ``use_cache=False``).
+    Raises :class:`TrialFailed` when the loss becomes NaN/inf or memory runs out.
+    """
+    t0 = time.perf_counter()
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig(**config)
+    reporter = reporter or NullReporter()
+    cache = cache or FeatureCache()
+    device = resolve_device(task.device)
+
+    backbone = cache.backbone(cfg.backbone)
+    if cfg.unfreeze > backbone.num_stages:
+        raise ConfigError(f"unfreeze={cfg.unfreeze} but backbone '{cfg.backbone}' has only "
+                          f"{backbone.num_stages} stages (allowed 0..{backbone.num_stages})", field="unfreeze")
+    backbone.set_unfreeze(cfg.unfreeze)
+    split = backbone.split
+    encoded, digest = cache.encoded(task.data, backbone.preprocessing)
+    if use_cache and split > 0:
+        feats = cache.prefix(backbone, encoded, digest, split, device)
+        start = split + 1 if split == backbone.num_stages else split
+    else:
+        feats, start = encoded, 0
+
+    torch.manual_seed(cfg.seed)
+    head = build_head(backbone.feature_dim, task.data.num_classes, cfg)
+    model = Classifier(backbone, head).to(device)
+    backbone_params = backbone.trainable_parameters()
+    groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.lr})
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    train_idx, eval_idx = _indices(task.splits, train_on), _indices(task.splits, evaluate_on)
+    labels = torch.from_numpy(task.data.labels)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sign = -1.0 if task.direction == "minimize" else 1.0
+
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, stopped, metrics = -math.inf * sign, 0, False, {}
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        loss_sum = 0.0
+        for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
+            b = perm[i:i + cfg.batch_size]
+            xb = state_to(trim_text(index_state(feats, b)), device)
+            yb = labels[b].to(device)
+            try:
+                logits = model.forward_from(xb, start)
+                loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise TrialFailed(f"loss became {float(loss)} at epoch {epoch}, step {step + 1} "
+                                      f"(lr={cfg.lr:g}, head lr={cfg.head_lr:g}); the run was stopped. "
+                                      "A lower learning rate usually avoids this.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            except torch.OutOfMemoryError:
+                raise TrialFailed(f"out of memory at batch size {cfg.batch_size} on {device}") from None
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach().item() * len(b)
+        logits = predict_logits(model, feats, eval_idx, start, device)
+        metrics = compute_metrics(logits, labels[eval_idx], task.data.num_classes, task.positive_index)
+        score = metrics[task.metric]
+        if not math.isfinite(score):
+            raise TrialFailed(f"validation {task.metric} is {score} at epoch {epoch}")
+        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), **metrics})
+        if sign * score > sign * best_score:
+            best_score, best_epoch = score, epoch
+        if reporter.report(epoch, score, metrics):
+            stopped = epoch < cfg.epochs
+            break
+
+    result = FineTuneResult(score=metrics[task.metric], best_score=best_score, best_epoch=best_epoch,
+                            metrics=metrics, history=history, epochs_run=len(history),
+                            stopped_early=stopped)
+    if test:
+        test_idx = _indices(task.splits, "test")
+        logits = predict_logits(model, feats, test_idx, start, device)
+        result.test_metrics = compute_metrics(logits, labels[test_idx], task.data.num_classes, task.positive_index)
+    if return_model:
+        result.model = model.cpu().eval()
+    result.seconds = time.perf_counter() - t0
+    return result

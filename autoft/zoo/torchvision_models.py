@@ -1,0 +1,100 @@
+"""torchvision ImageNet classifiers through torchvision's own weights API.
+
+Weights load from ``$TORCH_HOME/hub/checkpoints`` (torchvision's cache); offline without the
+file, a :class:`WeightsError` says which file to put where.  Stages: the stem, then every
+residual / inverted-residual / ConvNeXt block, then (where the network has one) its last conv or
+norm layer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoft.errors import WeightsError
+from autoft.home import offline
+from autoft.zoo.base import Backbone, BackboneSpec, Preprocessing
+
+MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
+          "efficientnet_b0", "convnext_tiny")
+
+
+def _weights_enum(name: str):
+    import torchvision
+
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def checkpoint_path(name: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / _weights_enum(name).url.rsplit("/", 1)[-1]
+
+
+def _flatten_blocks(seq: nn.Sequential) -> list[nn.Module]:
+    out: list[nn.Module] = []
+    for m in seq:
+        out.extend(list(m) if isinstance(m, nn.Sequential) and len(m) and not _is_leaf_seq(m) else [m])
+    return out
+
+
+def _is_leaf_seq(m: nn.Sequential) -> bool:
+    """A Sequential of plain layers (conv/norm/act) is one stage, not a list of blocks."""
+    return any(isinstance(c, (nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)) for c in m.children()) or \
+        type(m).__name__ in ("Conv2dNormActivation",)
+
+
+class _Pool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def build(name: str, pretrained: bool = True) -> Backbone:
+    import torchvision
+
+    weights = _weights_enum(name) if pretrained else None
+    if pretrained and not checkpoint_path(name).is_file() and offline():
+        raise WeightsError(_missing_message(name))
+    try:
+        net = torchvision.models.get_model(name, weights=weights)
+    except Exception as exc:
+        if isinstance(exc, (OSError, RuntimeError)) or "urlopen" in str(exc).lower():
+            raise WeightsError(_missing_message(name) + f" ({type(exc).__name__}: {exc})") from None
+        raise
+    if name.startswith("resnet"):
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        stages = [stem, *net.layer1, *net.layer2, *net.layer3, *net.layer4]
+        width = net.fc.in_features
+    elif name.startswith("convnext"):
+        stages = _flatten_blocks(net.features)
+        # the classifier's LayerNorm2d belongs to the feature extractor
+        stages.append(net.classifier[0])
+        width = net.classifier[2].in_features
+    else:  # mobilenet_v3_*, efficientnet_*
+        stages = _flatten_blocks(net.features)
+        width = stages[-1].out_channels if hasattr(stages[-1], "out_channels") else \
+            net.classifier[0].in_features
+    size = 224
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if weights is not None:
+        tr = weights.transforms()
+        size = int(tr.crop_size[0])
+        mean, std = tuple(tr.mean), tuple(tr.std)
+    pre = Preprocessing(modality="image", input_size=size, mean=mean, std=std)
+    meta = {"weights": str(weights) if weights is not None else None}
+    if weights is not None:
+        meta["imagenet_top1"] = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    return Backbone(name, stages, _Pool(), width, pre, meta)
+
+
+def _missing_message(name: str) -> str:
+    w = _weights_enum(name)
+    return (f"torchvision weights for '{name}' are not on this machine: expected "
+            f"{checkpoint_path(name)}. Download {w.url} into that folder (or set TORCH_HOME to a "
+            "folder whose hub/checkpoints/ holds it).")
+
+
+def specs() -> list[BackboneSpec]:
+    return [BackboneSpec(name=n, family="torchvision", modality="image",
+                         builder=lambda pretrained=True, n=n: build(n, pretrained),
+                         available=lambda n=n: checkpoint_path(n).is_file(),
+                         description=f"torchvision {n} (ImageNet-1K)") for n in MODELS]
