@@ -1,0 +1,94 @@
+"""What every search engine shares: the search request, study locations, trial bookkeeping."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoft.space import SearchSpace, load_space
+from autoft.task import Task
+
+# user attributes every finished trial carries (both engines write them)
+ATTR_CONFIG = "config"
+ATTR_METRICS = "metrics"
+ATTR_HISTORY = "history"
+ATTR_EPOCHS = "epochs_run"
+ATTR_SECONDS = "seconds"
+ATTR_FAIL = "fail_reason"
+
+
+@dataclass
+class SearchRequest:
+    """One search: the task, its space (after overrides) and how to run it."""
+
+    task: Task
+    space: SearchSpace
+    study_name: str = "default"
+    results_dir: Path = Path("results")
+    storage: str | None = None
+    n_trials: int | None = None
+    timeout: float | None = None
+    n_jobs: int = 1
+    pruner: str | None = None
+    extend: bool = False
+    fixed: dict[str, Any] = field(default_factory=dict)  # values every trial gets (epochs, seed)
+
+    @property
+    def study_dir(self) -> Path:
+        return self.results_dir / self.task.name / self.study_name
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        path = (self.results_dir / self.task.name / "optuna.db").resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+
+    @property
+    def budget(self) -> int:
+        return self.n_trials if self.n_trials is not None else self.task.budget.n_trials
+
+
+def build_request(task: Task, *, space_path: str | None = None, overrides: dict | None = None,
+                  backbones: list[str] | None = None, **kwargs) -> SearchRequest:
+    space = load_space(space_path or task.search_space_path())
+    ov = dict(overrides or {})
+    if backbones:
+        ov["backbone"] = backbones
+    if "epochs" not in space.names and "epochs" not in ov:
+        ov["epochs"] = task.budget.max_epochs
+    if ov:
+        space = space.with_overrides(ov)
+    fixed = {"seed": task.seed}
+    return SearchRequest(task=task, space=space, fixed=fixed, **kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "head=mlp"]`` → ``{"lr": 0.001, "head": "mlp"}`` (values parsed as YAML)."""
+    import yaml
+
+    from autoft.errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects NAME=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        val = yaml.safe_load(v)
+        if isinstance(val, str) and re.fullmatch(r"[-+]?\d*\.?\d+([eE][-+]?\d+)", val):
+            val = float(val)
+        out[k.strip()] = val
+    return out
+
+
+def max_epochs(space: SearchSpace, task: Task) -> int:
+    p = space.get("epochs")
+    if p is None:
+        return task.budget.max_epochs
+    if p.kind == "fixed":
+        return int(p.value)
+    if p.kind == "categorical":
+        return int(max(p.choices))
+    return int(p.high)

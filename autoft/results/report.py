@@ -1,0 +1,69 @@
+"""Write everything a finished (or interrupted) study leaves in ``results/<task>/<study>/``.
+
+* ``trials.csv`` — one row per trial: number, state, score, backbone, unfreeze, epochs_run,
+  seconds, fail_reason, datetime_start, then ``cfg_*`` (the full config) and ``val_*`` (metrics);
+* ``leaderboard.csv`` — one row per backbone;
+* ``best.yaml`` — the winning configuration, its validation metrics and (after the final check)
+  its test metrics;
+* ``plots/*.png`` — optimisation history, best score per backbone, learning curves, importances.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+
+from autoft.results.plots import write_plots
+from autoft.results.tables import best_document, best_trial, leaderboard, trials_table, write_yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    folder: Path
+    files: list[Path] = field(default_factory=list)
+    best: dict | None = None
+
+
+def write_report(study: optuna.Study, task, folder: Path, *, test_metrics: dict | None = None,
+                 space_file: str | None = None, plots: bool = True) -> Report:
+    folder.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    df = trials_table(trials)
+    rep = Report(folder)
+    _write_csv(df, folder / "trials.csv")
+    lb = leaderboard(df, task.direction)
+    _write_csv(lb, folder / "leaderboard.csv")
+    rep.files += [folder / "trials.csv", folder / "leaderboard.csv"]
+    bt = best_trial(study)
+    if bt is not None:
+        if test_metrics is None and (folder / "best.yaml").is_file():
+            test_metrics = _previous_test_metrics(folder / "best.yaml", bt.number)
+        rep.best = best_document(study, task, bt, test_metrics, space_file)
+        write_yaml(folder / "best.yaml", rep.best)
+        rep.files.append(folder / "best.yaml")
+    if plots and not df.empty:
+        try:
+            rep.files += write_plots(study, df, lb, task.metric, task.direction, folder / "plots")
+        except Exception as exc:  # a plot must never cost the user their results
+            log.warning("could not draw plots: %s", exc)
+    return rep
+
+
+def _write_csv(df, path: Path) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def _previous_test_metrics(path: Path, trial: int) -> dict | None:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+        return doc.get("test_metrics") if doc.get("trial") == trial else None
+    except Exception:
+        return None

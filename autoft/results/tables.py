@@ -1,0 +1,130 @@
+"""Trials as a pandas table, the per-backbone leaderboard, and ``best.yaml``."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from autoft.engines.common import ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_METRICS, ATTR_SECONDS
+
+# the documented columns of trials.csv, in order (config and metric columns follow)
+BASE_COLUMNS = ["number", "state", "score", "backbone", "unfreeze", "epochs_run", "seconds", "fail_reason",
+                "datetime_start"]
+
+
+def trial_row(t: FrozenTrial) -> dict:
+    cfg = t.user_attrs.get(ATTR_CONFIG, {}) or {}
+    metrics = t.user_attrs.get(ATTR_METRICS, {}) or {}
+    row = {
+        "number": t.number,
+        "state": t.state.name.lower(),
+        "score": t.value if t.state == TrialState.COMPLETE else (
+            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None),
+        "backbone": cfg.get("backbone", t.params.get("backbone")),
+        "unfreeze": cfg.get("unfreeze", t.params.get("unfreeze")),
+        "epochs_run": t.user_attrs.get(ATTR_EPOCHS, len(t.intermediate_values)),
+        "seconds": t.user_attrs.get(ATTR_SECONDS, t.duration.total_seconds() if t.duration else None),
+        "fail_reason": t.user_attrs.get(ATTR_FAIL, "") if t.state == TrialState.FAIL else "",
+        "datetime_start": t.datetime_start,
+    }
+    for k, v in cfg.items():
+        if k not in ("backbone", "unfreeze"):
+            row[f"cfg_{k}"] = v
+    for k, v in metrics.items():
+        row[f"val_{k}"] = v
+    return row
+
+
+def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
+    rows = [trial_row(t) for t in trials if t.state != TrialState.WAITING]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=BASE_COLUMNS)
+    return df[BASE_COLUMNS + [c for c in df.columns if c not in BASE_COLUMNS]]
+
+
+def leaderboard(df: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
+    """One row per backbone: trials by state, best and median score of completed trials."""
+    if df.empty:
+        return pd.DataFrame(columns=["backbone", "trials", "complete", "pruned", "fail", "best_score",
+                                     "median_score", "best_trial"])
+    rows = []
+    for bb, g in df.groupby("backbone", dropna=False):
+        done = g[g.state == "complete"]
+        best = None
+        if not done.empty:
+            best = done.loc[done.score.idxmax() if direction == "maximize" else done.score.idxmin()]
+        rows.append({"backbone": bb, "trials": len(g), "complete": len(done),
+                     "pruned": int((g.state == "pruned").sum()), "fail": int((g.state == "fail").sum()),
+                     "best_score": None if best is None else best.score,
+                     "median_score": None if done.empty else done.score.median(),
+                     "best_trial": None if best is None else int(best.number),
+                     "best_unfreeze": None if best is None else best.unfreeze})
+    lb = pd.DataFrame(rows)
+    return lb.sort_values("best_score", ascending=direction != "maximize", na_position="last").reset_index(drop=True)
+
+
+def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    c = Counter(t.state.name.lower() for t in trials)
+    return {s: c.get(s, 0) for s in ("complete", "pruned", "fail", "running")}
+
+
+def most_common_failure(trials: list[FrozenTrial]) -> tuple[str, int] | None:
+    reasons = Counter(_short_reason(t.user_attrs.get(ATTR_FAIL, "unknown reason"))
+                      for t in trials if t.state == TrialState.FAIL)
+    return reasons.most_common(1)[0] if reasons else None
+
+
+def _short_reason(reason: str) -> str:
+    return reason.split("\n")[0][:300]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def best_document(study: optuna.Study, task, trial: FrozenTrial | None = None, test_metrics: dict | None = None,
+                  space_file: str | None = None) -> dict:
+    t = trial or study.best_trial
+    counts = state_counts(study.get_trials(deepcopy=False))
+    doc = {
+        "task": task.name,
+        "task_file": str(task.file) if task.file else None,
+        "study": study.study_name,
+        "trial": t.number,
+        "metric": task.metric,
+        "direction": task.direction,
+        "validation_score": t.value,
+        "config": t.user_attrs.get(ATTR_CONFIG),
+        "validation_metrics": t.user_attrs.get(ATTR_METRICS),
+        "epochs_run": t.user_attrs.get(ATTR_EPOCHS),
+        "seconds": t.user_attrs.get(ATTR_SECONDS),
+        "search": {"trials": sum(counts.values()), **counts, "search_space": space_file},
+    }
+    if test_metrics is not None:
+        doc["test_metrics"] = test_metrics
+    return doc
+
+
+def write_yaml(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(_plain(doc), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item"):
+        return x.item()
+    return x

@@ -1,0 +1,227 @@
+"""Declarative search spaces (``search_spaces/*.yaml``) and their one, engine-neutral translator.
+
+A space file maps parameter names (fields of :class:`~autoft.core.config.TrialConfig`) to:
+
+* a list — categorical choices: ``optimizer: [adamw, sgd]``
+* a scalar — a fixed value: ``schedule: cosine``
+* ``{choices: [...]}`` — categorical, with optional ``when``
+* ``{low: a, high: b, log: bool, step: s}`` — int or float (from the field's type), optional ``when``
+
+``when: {head: mlp}`` samples a parameter only if an earlier one has that value (or one of a list).
+``unfreeze`` may use ``high: num_stages`` (the chosen backbone's stage count, capped by
+``max: N``): its range is conditional on the backbone.  ``backbone`` is required.
+
+:meth:`SearchSpace.sample` is a define-by-run function over any Optuna-style trial (``suggest_*``),
+so the Optuna engine and Ray Tune's ``OptunaSearch`` use the same code.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoft.core.config import TrialConfig
+from autoft.errors import ConfigError, did_you_mean
+from autoft.task import read_yaml
+
+PARAMS = [n for n in TrialConfig.model_fields if n != "seed"]
+_INT_FIELDS = {n for n, f in TrialConfig.model_fields.items() if f.annotation is int}
+
+
+@functools.lru_cache(maxsize=None)
+def num_stages(backbone: str) -> int:
+    """Stage count of a backbone, without reading its weights."""
+    from autoft.zoo import get_backbone
+
+    return get_backbone(backbone, pretrained=False).num_stages
+
+
+@dataclass
+class Param:
+    name: str
+    kind: str  # "categorical" | "int" | "float" | "fixed"
+    choices: list | None = None
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    step: Any = None
+    cap: int | None = None  # unfreeze: max
+    value: Any = None
+    when: dict[str, list] = field(default_factory=dict)
+
+    def active(self, chosen: dict) -> bool:
+        return all(chosen.get(k) in v for k, v in self.when.items())
+
+    def bounds(self, chosen: dict) -> tuple:
+        high = self.high
+        if high == "num_stages":
+            high = num_stages(chosen["backbone"])
+            if self.cap is not None:
+                high = min(high, self.cap)
+        return self.low, high
+
+    def suggest(self, trial, chosen: dict):
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        low, high = self.bounds(chosen)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(low), int(high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(low), float(high), step=self.step, log=self.log)
+
+
+@dataclass
+class SearchSpace:
+    params: list[Param]
+    file: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def get(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def backbones(self) -> list[str]:
+        p = self.get("backbone")
+        return list(p.choices) if p.kind == "categorical" else [p.value]
+
+    def sample(self, trial, fixed: dict | None = None) -> TrialConfig:
+        """Define-by-run: ask ``trial`` for every active parameter; return the full config."""
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(chosen):
+                chosen[p.name] = p.suggest(trial, chosen)
+        return TrialConfig(**{**chosen, **(fixed or {})})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "SearchSpace":
+        """A copy where each overridden parameter is fixed (a list for ``backbone`` stays a choice)."""
+        params = []
+        for p in self.params:
+            if p.name in overrides:
+                v = overrides[p.name]
+                if isinstance(v, list) and len(v) > 1:
+                    params.append(Param(p.name, "categorical", choices=list(v), when=p.when))
+                else:
+                    params.append(Param(p.name, "fixed", value=v[0] if isinstance(v, list) else v, when=p.when))
+            else:
+                params.append(p)
+        for name, v in overrides.items():
+            if name not in self.names:
+                _check_name(name, self.file, "--set")
+                params.append(Param(name, "fixed", value=v))
+        space = SearchSpace(params, self.file)
+        space.validate()
+        return space
+
+    def validate(self) -> "SearchSpace":
+        from autoft.zoo import get_spec
+
+        for b in self.backbones:
+            try:
+                get_spec(b)
+            except Exception as exc:
+                raise ConfigError(str(exc), file=self.file, field="backbone") from None
+        # a complete config must be buildable from the defaults + fixed values
+        try:
+            TrialConfig(backbone=self.backbones[0], **{p.name: p.value for p in self.params
+                                                        if p.kind == "fixed" and p.name != "backbone"})
+        except Exception as exc:
+            raise ConfigError(f"fixed values are invalid: {exc}", file=self.file) from None
+        return self
+
+
+def _check_name(name: str, file, field_prefix: str = "") -> None:
+    if name not in PARAMS:
+        raise ConfigError(f"unknown parameter '{name}'{did_you_mean(name, PARAMS)}; parameters are: "
+                          f"{', '.join(PARAMS)}", file=file, field=name)
+
+
+def parse_space(doc: dict, file: str | Path | None = None) -> SearchSpace:
+    file = str(file) if file else None
+    if "backbone" not in doc:
+        raise ConfigError("a search space needs 'backbone' (a list of backbone names)", file=file, field="backbone")
+    order = ["backbone"] + [k for k in doc if k != "backbone"]
+    params = []
+    for name in order:
+        _check_name(name, file)
+        params.append(_parse_param(name, doc[name], file))
+    names = [p.name for p in params]
+    for p in params:
+        for dep in p.when:
+            if dep not in names[: names.index(p.name)]:
+                raise ConfigError(f"'when' refers to '{dep}', which is not declared before '{p.name}'",
+                                  file=file, field=f"{p.name}.when")
+    return SearchSpace(params, file).validate()
+
+
+def _parse_param(name: str, spec: Any, file) -> Param:
+    fld = name
+    if isinstance(spec, list):
+        spec = {"choices": spec}
+    if not isinstance(spec, dict):
+        return Param(name, "fixed", value=spec)
+    allowed = {"choices", "low", "high", "log", "step", "max", "when", "value"}
+    for k in spec:
+        if k not in allowed:
+            raise ConfigError(f"unknown key '{k}'{did_you_mean(k, allowed)}; allowed: {sorted(allowed)}",
+                              file=file, field=f"{fld}.{k}")
+    when = {}
+    for k, v in (spec.get("when") or {}).items():
+        when[k] = v if isinstance(v, list) else [v]
+    if "value" in spec:
+        return Param(name, "fixed", value=spec["value"], when=when)
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError("choices must be a non-empty list", file=file, field=f"{fld}.choices")
+        if len(set(map(repr, choices))) != len(choices):
+            raise ConfigError(f"choices repeat a value: {choices}", file=file, field=f"{fld}.choices")
+        if name != "backbone":
+            for c in choices:
+                _check_value(name, c, file, f"{fld}.choices")
+        return Param(name, "categorical", choices=choices, when=when)
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError("a range needs both 'low' and 'high' (or give 'choices' or a fixed value)",
+                          file=file, field=fld)
+    kind = "int" if name in _INT_FIELDS else "float"
+    low, high = spec["low"], spec["high"]
+    if high == "num_stages":
+        if name != "unfreeze":
+            raise ConfigError("'num_stages' is only allowed as the high end of unfreeze", file=file, field=f"{fld}.high")
+    for key, v in (("low", low), ("high", high)):
+        if v == "num_stages":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"must be a number, got {v!r}", file=file, field=f"{fld}.{key}")
+        _check_value(name, v, file, f"{fld}.{key}")
+    if high != "num_stages" and low > high:
+        raise ConfigError(f"low ({low}) is above high ({high})", file=file, field=fld)
+    log = bool(spec.get("log", False))
+    if log and (low <= 0):
+        raise ConfigError(f"a log range needs low > 0, got {low}", file=file, field=f"{fld}.low")
+    if log and spec.get("step") is not None:
+        raise ConfigError("'step' and 'log: true' cannot be combined", file=file, field=f"{fld}.step")
+    return Param(name, kind, low=low, high=high, log=log, step=spec.get("step"), cap=spec.get("max"), when=when)
+
+
+def _check_value(name: str, value: Any, file, fld: str) -> None:
+    """Validate one candidate value against TrialConfig's field rules."""
+    if name == "unfreeze":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"unfreeze must be an integer >= 0, got {value!r}", file=file, field=fld)
+        return
+    try:
+        TrialConfig(backbone="resnet20", **{name: value})
+    except Exception as exc:
+        msg = str(exc).split("\n")
+        detail = msg[2].strip() if len(msg) > 2 else str(exc)
+        raise ConfigError(f"invalid value {value!r}: {detail}", file=file, field=fld) from None
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    return parse_space(read_yaml(path, "search space"), path)

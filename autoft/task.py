@@ -1,0 +1,268 @@
+"""Task files: what to learn from, how to score it, and how much search to spend.
+
+A task file is YAML validated by :class:`Task`; every error names the file and the field.
+``${VAR}`` in paths expands from the environment (``${AUTOFT_HOME}`` defaults to autoft's cache
+folder).  ``find_task(name_or_path)`` looks in ``./tasks/NAME.yaml``, then the built-in examples.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autoft.core.metrics import ALL as METRICS
+from autoft.core.metrics import BINARY_ONLY, MINIMIZE
+from autoft.errors import ConfigError, did_you_mean
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_TASKS = REPO_ROOT / "examples" / "tasks"
+BUILTIN_SPACES = REPO_ROOT / "search_spaces"
+PRUNERS = ("hyperband", "median", "successive_halving", "none")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Model):
+    source: Literal["digits", "image_folder", "csv", "npz"]
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    sep: str | None = None
+    encoding: str = "utf-8"
+    x_key: str = "x"
+    y_key: str = "y"
+    max_length: int = Field(128, ge=8, le=4096, description="text: tokens kept per example")
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.source '{self.source}' needs data.path")
+        return self
+
+
+class SplitSpec(_Model):
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+    train_per_class: int | None = Field(None, ge=1)
+    val_per_class: int | None = Field(None, ge=1)
+
+
+class BudgetSpec(_Model):
+    n_trials: int = Field(30, ge=1)
+    timeout: float | None = Field(None, gt=0, description="seconds")
+    max_epochs: int = Field(8, ge=1)
+
+
+class Task(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    modality: Literal["image", "text"]
+    data: DataSpec
+    metric: str = "accuracy"
+    direction: Literal["maximize", "minimize"] | None = None
+    positive_class: str | None = None
+    split: SplitSpec = SplitSpec()
+    budget: BudgetSpec = BudgetSpec()
+    search_space: str = "default"
+    pruner: Literal["hyperband", "median", "successive_halving", "none"] = "hyperband"
+    seed: int = 0
+    device: str = "cpu"
+    description: str = ""
+
+    # where the file was read from (not a field of the file)
+    _file: Path | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric '{v}'{did_you_mean(v, METRICS)}; expected one of {sorted(METRICS)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", v):
+            raise ValueError(f"device '{v}' is not one of cpu, auto, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.direction is None:
+            self.direction = "minimize" if self.metric in MINIMIZE else "maximize"
+        if self.data.source == "csv" and self.modality != "text":
+            raise ValueError("data.source 'csv' holds texts: set modality: text")
+        if self.data.source in ("digits", "image_folder", "npz") and self.modality != "image":
+            raise ValueError(f"data.source '{self.data.source}' holds images: set modality: image")
+        if self.split.val == 0 and self.split.train_per_class is None:
+            raise ValueError("split.val must be above 0: the search scores trials on the validation split")
+        return self
+
+    @property
+    def file(self) -> Path | None:
+        return self._file
+
+    def data_path(self) -> Path | None:
+        return Path(expand_vars(self.data.path, self._file, "data.path")) if self.data.path else None
+
+    def search_space_path(self) -> Path:
+        return find_search_space(self.search_space, self._file)
+
+    # -- loading data -------------------------------------------------------------------------
+    def load_data(self):
+        from autoft import data as D
+
+        path, d = self.data_path(), self.data
+        if d.source == "digits":
+            ld = D.load_digits_data()
+        elif d.source == "image_folder":
+            ld = D.load_image_folder(path)
+        elif d.source == "csv":
+            ld = D.load_csv(path, d.text_column, d.label_column, d.sep, d.encoding)
+        else:
+            ld = D.load_npz(path, d.x_key, d.y_key)
+        return ld.validate()
+
+    def prepare(self, device: str | None = None):
+        """Load the data and split it: the :class:`TaskData` the core runs on."""
+        from autoft.core.train import TaskData
+        from autoft.data import stratified_split
+
+        ld = self.load_data()
+        s = self.split
+        splits = stratified_split(ld.labels, val=s.val, test=s.test, seed=s.seed,
+                                  train_per_class=s.train_per_class, val_per_class=s.val_per_class,
+                                  source=str(self.data_path() or self.data.source))
+        pos = None
+        if ld.num_classes == 2:
+            if self.positive_class is not None:
+                if self.positive_class not in ld.class_names:
+                    raise ConfigError(f"positive_class '{self.positive_class}' is not a class of the data; "
+                                      f"classes are {ld.class_names}", file=self._file, field="positive_class")
+                pos = ld.class_names.index(self.positive_class)
+            else:
+                pos = 1
+        elif self.metric in BINARY_ONLY:
+            raise ConfigError(f"metric '{self.metric}' is for binary tasks, but the data has "
+                              f"{ld.num_classes} classes; use accuracy or f1_macro", file=self._file, field="metric")
+        return TaskData(ld, splits, self.metric, pos, device or self.device, self.name)
+
+
+_VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand_vars(value: str, file: Path | None = None, field: str = "") -> str:
+    """Expand ``${VAR}``/``$VAR`` from the environment; relative paths are relative to the task file."""
+    from autoft.home import autoft_home
+
+    def sub(m: re.Match) -> str:
+        var = m.group(1) or m.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if var == "AUTOFT_HOME":
+            return str(autoft_home())
+        raise ConfigError(f"environment variable {var} used in '{value}' is not set", file=file, field=field)
+
+    out = os.path.expanduser(_VAR.sub(sub, value))
+    if file is not None and not os.path.isabs(out):
+        cand = (file.parent / out)
+        if cand.exists() or not Path(out).exists():
+            out = str(cand)
+    return out
+
+
+def _format_validation_error(exc: ValidationError, file: Path | str) -> ConfigError:
+    lines = []
+    first_field = None
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        first_field = first_field or loc
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = Task
+            for part in err["loc"][:-1]:
+                ann = parent.model_fields.get(str(part))
+                parent = ann.annotation if ann is not None and isinstance(ann.annotation, type) else parent
+            key = str(err["loc"][-1])
+            known = list(getattr(parent, "model_fields", {}))
+            msg = f"unknown key '{key}'{did_you_mean(key, known)}; allowed keys here: {', '.join(known)}"
+        elif err["type"] == "missing":
+            msg = "is required but missing"
+        elif "input" in err and err["type"] not in ("value_error",):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"field '{loc}': {msg}")
+    return ConfigError("; ".join(lines), file=str(file), field=None) if len(lines) > 1 else \
+        ConfigError(lines[0].split(": ", 1)[1], file=str(file), field=first_field)
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file does not exist", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file is not UTF-8 text", file=str(path)) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"malformed YAML{where}: {problem}", file=str(path)) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"a {what} file must be a YAML mapping (key: value lines), got "
+                          f"{type(doc).__name__}", file=str(path))
+    return doc
+
+
+def parse_task(doc: dict, file: Path | str = "<task>") -> Task:
+    try:
+        task = Task.model_validate(doc)
+    except ValidationError as exc:
+        raise _format_validation_error(exc, file) from None
+    task._file = Path(file) if file != "<task>" else None
+    return task
+
+
+def find_task(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file() or os.sep in str(name_or_path):
+        if not p.is_file():
+            raise ConfigError(f"task file {p} does not exist")
+        return p
+    for folder in (Path.cwd() / "tasks", BUILTIN_TASKS):
+        for ext in (".yaml", ".yml"):
+            if (folder / f"{name_or_path}{ext}").is_file():
+                return folder / f"{name_or_path}{ext}"
+    known = sorted({f.stem for d in (Path.cwd() / "tasks", BUILTIN_TASKS) if d.is_dir() for f in d.glob("*.y*ml")})
+    raise ConfigError(f"no task named '{name_or_path}'{did_you_mean(str(name_or_path), known)}: looked for "
+                      f"{name_or_path}.yaml in ./tasks/ and in the built-in examples ({BUILTIN_TASKS}). "
+                      f"Known tasks: {', '.join(known) or 'none'}")
+
+
+def load_task(name_or_path: str | Path) -> Task:
+    path = find_task(name_or_path)
+    return parse_task(read_yaml(path, "task"), path)
+
+
+def find_search_space(name_or_path: str, task_file: Path | None = None) -> Path:
+    p = Path(expand_vars(name_or_path, None))
+    candidates = [p] if p.suffix in (".yaml", ".yml") else []
+    if task_file is not None and p.suffix in (".yaml", ".yml"):
+        candidates.append(task_file.parent / p)
+    for folder in (Path.cwd() / "search_spaces", BUILTIN_SPACES):
+        candidates += [folder / f"{name_or_path}.yaml", folder / p.name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted({f.stem for d in (Path.cwd() / "search_spaces", BUILTIN_SPACES) if d.is_dir()
+                    for f in d.glob("*.yaml")})
+    raise ConfigError(f"search space '{name_or_path}' not found{did_you_mean(name_or_path, known)} "
+                      f"(looked in ./search_spaces/ and {BUILTIN_SPACES}); known: {', '.join(known)}",
+                      file=str(task_file) if task_file else None, field="search_space")
