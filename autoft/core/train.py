@@ -159,7 +159,7 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
                 logits = model.forward_from(xb, start)
                 loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
                 if not torch.isfinite(loss):
-                    raise TrialFailed(f"loss became {float(loss)} at epoch {epoch}, step {step + 1} "
+                    raise TrialFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
                                       f"(lr={cfg.lr:g}, head lr={cfg.head_lr:g}); the run was stopped. "
                                       "A lower learning rate usually avoids this.")
                 opt.zero_grad(set_to_none=True)

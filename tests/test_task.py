@@ -1,0 +1,89 @@
+"""Task files: lookup, variable expansion, and errors that name the file and the field."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from autoft.errors import ConfigError
+from autoft.task import BUILTIN_TASKS, find_task, load_task, parse_task
+
+GOOD = {"name": "t", "modality": "image", "data": {"source": "digits"}}
+
+
+def test_builtin_tasks_load_and_prepare():
+    digits = load_task("digits")
+    assert digits.file == BUILTIN_TASKS / "digits.yaml"
+    td = digits.prepare()
+    assert td.data.num_classes == 10 and sum(td.splits.sizes().values()) == 1797
+    spam = load_task("sms-spam")
+    assert spam.metric == "f1_pos" and spam.data_path().is_file()
+    assert str(spam.data_path()).startswith(os.environ["AUTOFT_HOME"])
+
+
+def test_local_tasks_folder_wins(tmp_path, monkeypatch):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "digits.yaml").write_text("name: mine\nmodality: image\ndata: {source: digits}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_task("digits").name == "mine"
+    assert find_task(str(tmp_path / "tasks" / "digits.yaml")).is_file()
+
+
+def test_unknown_task_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'digits'"):
+        find_task("digitz")
+
+
+def test_unset_variable_named(monkeypatch, tmp_path):
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": "${NOPE_NOT_SET}/x.csv"}},
+                   tmp_path / "t.yaml")
+    with pytest.raises(ConfigError, match="NOPE_NOT_SET"):
+        t.data_path()
+
+
+@pytest.mark.parametrize("doc, field, words", [
+    ({**GOOD, "metrc": "accuracy"}, "metrc", "did you mean 'metric'"),
+    ({**GOOD, "metric": "acuracy"}, "metric", "did you mean 'accuracy'"),
+    ({**GOOD, "budget": {"n_trials": -3}}, "budget.n_trials", "greater than or equal to 1"),
+    ({**GOOD, "budget": {"n_trial": 3}}, "budget.n_trial", "did you mean 'n_trials'"),
+    ({**GOOD, "budget": {"max_epochs": "many"}}, "budget.max_epochs", "integer"),
+    ({**GOOD, "data": {"source": "parquet"}}, "data.source", "'digits'"),
+    ({**GOOD, "data": {"source": "csv"}}, "data", "needs data.path"),
+    ({**GOOD, "modality": "audio"}, "modality", "'image' or 'text'"),
+    ({"modality": "image", "data": {"source": "digits"}}, "name", "required"),
+    ({**GOOD, "split": {"val": 1.5}}, "split.val", "less than 1"),
+    ({**GOOD, "device": "tpu"}, "device", "not one of"),
+])
+def test_malformed_task_names_field(doc, field, words, tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        parse_task(doc, tmp_path / "bad.yaml")
+    assert ei.value.field == field, str(ei.value)
+    assert "bad.yaml" in str(ei.value) and words in str(ei.value)
+
+
+def test_malformed_yaml_gives_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("name: x\nmodality: image\ndata: {source: digits\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: malformed YAML at line \d+"):
+        load_task(f)
+
+
+def test_not_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_task(f)
+
+
+def test_binary_metric_on_multiclass_rejected(tmp_path):
+    t = parse_task({**GOOD, "metric": "f1_pos"}, tmp_path / "t.yaml")
+    with pytest.raises(ConfigError, match="for binary tasks"):
+        t.prepare()
+
+
+def test_relative_data_path_is_relative_to_task_file(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\na,x\nb,y\n")
+    t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": "d.csv"}}, tmp_path / "t.yaml")
+    assert t.data_path() == Path(tmp_path / "d.csv")
