@@ -130,6 +130,7 @@ def cmd_search(args) -> int:
         study = run_ray(req, task_data=task_data, address=args.address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent)
         cache = FeatureCache()
+        interrupted = False  # Ray Tune handles Ctrl-C itself: it saves the experiment (same command resumes)
     else:
         from autoft.engines.optuna_engine import count_finished, create_study, run_study
 
@@ -325,7 +326,8 @@ def _register_optional() -> None:
             if exc.name != mod:
                 raise
             continue
-        _EXTRA_COMMANDS.append(m.add_parser)
+        if m.add_parser not in _EXTRA_COMMANDS:  # main() may run many times in one process (tests)
+            _EXTRA_COMMANDS.append(m.add_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("autoft").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbose else optuna.logging.ERROR)
     from autoft.errors import AutoftError
 
     try:
@@ -348,5 +353,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m autoft.cli
     sys.exit(main())

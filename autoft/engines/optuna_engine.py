@@ -8,6 +8,8 @@ started again runs only what is missing.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import warnings
 from collections.abc import Callable
 
@@ -63,31 +65,162 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     kwargs = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(
+    return _retrying(lambda: optuna.storages.RDBStorage(
         url, heartbeat_interval=10, grace_period=30,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1), **kwargs)
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1), **kwargs))
+
+
+def _retrying(fn, attempts: int = 8):
+    """Run ``fn``, retrying when several processes race to create the same schema or study."""
+    import random
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except (IntegrityError, OperationalError, optuna.exceptions.DuplicatedStudyError):
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.5 * (i + 1))
 
 
 def create_study(req: SearchRequest, storage=None) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True,
                                          group=True, constant_liar=req.n_jobs > 1)
     pruner = make_pruner(req.pruner or req.task.pruner, max_epochs(req.space, req.task))
-    return optuna.create_study(study_name=req.study_name, storage=storage or make_storage(req.storage_url),
-                               sampler=sampler, pruner=pruner, direction=req.task.direction,
-                               load_if_exists=True)
+    storage = storage or make_storage(req.storage_url)
+    return _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage, sampler=sampler,
+                                                 pruner=pruner, direction=req.task.direction, load_if_exists=True))
+
+
+ATTR_WORKER = "worker"  # "host:pid" of the process running the trial
+ATTR_INTERRUPTED = "interrupted"  # the trial was cut short by Ctrl-C or a dead worker; it is retried
+ATTR_RETRY_OF = "retry_of"
+ATTR_SURPLUS = "surplus"  # started after the budget was already taken by other workers; never ran
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _retried_numbers(trials) -> set[int]:
+    """Numbers of trials that another trial retries (ours, or Optuna's heartbeat retry)."""
+    out = set()
+    for t in trials:
+        if ATTR_RETRY_OF in t.user_attrs:
+            out.add(int(t.user_attrs[ATTR_RETRY_OF]))
+        if "failed_trial" in t.system_attrs:
+            out.add(int(t.system_attrs["failed_trial"]))
+    return out
+
+
+def counted_trials(study: optuna.Study) -> list:
+    """Finished trials that count toward the budget: interrupted trials that were retried do not."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    return [t for t in trials if t.state in FINISHED and not t.user_attrs.get(ATTR_SURPLUS)
+            and not (t.state == TrialState.FAIL and t.number in retried)]
+
+
+def claims_budget(study: optuna.Study, trial_number: int, budget: int) -> bool:
+    """Whether a just-started trial fits in the budget.
+
+    Finished trials that count take the first slots; running trials take the next ones in order of
+    their number.  Workers racing for the last slot thus agree on who runs it, and the study ends
+    with exactly ``budget`` counted trials.
+    """
+    trials = study.get_trials(deepcopy=False)
+    running = sorted(t.number for t in trials if t.state == TrialState.RUNNING and not t.user_attrs.get(ATTR_SURPLUS))
+    slot = len(counted_trials(study)) + (running.index(trial_number) if trial_number in running else len(running))
+    return slot < budget
 
 
 def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return len(counted_trials(study))
 
 
-def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache) -> Callable:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Fail trials left RUNNING by a dead process of this host, and retry every interrupted trial.
+
+    A trial whose worker process (recorded as ``host:pid``) no longer exists is marked failed with
+    that reason; it and every trial stopped by Ctrl-C is enqueued again with the same parameters
+    (once).  Trials of live or remote workers are left to the storage heartbeat.  Returns the
+    numbers of the trials that were retried.
+    """
+    host = socket.gethostname()
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    storage = study._storage
+    out = []
+    for t in trials:
+        w = str(t.user_attrs.get(ATTR_WORKER, ""))
+        if t.state == TrialState.RUNNING and w.rsplit(":", 1)[0] == host:
+            pid = int(w.rsplit(":", 1)[1])
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            try:
+                storage.set_trial_user_attr(t._trial_id, ATTR_FAIL,
+                                            f"WorkerDied: the process running this trial ({w}) ended "
+                                            "without finishing it (killed or crashed); the trial is retried")
+                storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # another process got there first
+        elif not (t.state == TrialState.FAIL and t.user_attrs.get(ATTR_INTERRUPTED)):
+            continue
+        if t.number in retried:
+            continue
+        study.enqueue_trial(t.params, user_attrs={ATTR_RETRY_OF: t.number}, skip_if_exists=False)
+        retried.add(t.number)
+        out.append(t.number)
+        log.warning("trial %d was interrupted; its configuration is queued again", t.number)
+    return out
+
+
+def log_failures(study: optuna.Study, trial) -> None:
+    if trial.state == TrialState.FAIL:
+        log.warning("trial %d failed: %s", trial.number, str(trial.user_attrs.get(ATTR_FAIL, "unknown reason")).split("\n")[0])
+
+
+class BudgetCallback:
+    """Stops ``optimize`` in every process once the study has ``budget`` counted trials."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if count_finished(study) >= self.budget:
+            study.stop()
+
+
+def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache, budget: int | None = None) -> Callable:
     def objective(trial: optuna.Trial) -> float:
-        cfg = req.space.sample(trial, req.fixed)
-        trial.set_user_attr(ATTR_CONFIG, cfg.model_dump())
-        reporter = OptunaReporter(trial)
+        trial.set_user_attr(ATTR_WORKER, worker_id())
+        if budget is not None and not claims_budget(trial.study, trial.number, budget):
+            trial.set_user_attr(ATTR_SURPLUS, True)
+            trial.study.stop()
+            raise optuna.TrialPruned("budget already taken by other workers")
         try:
+            cfg = req.space.sample(trial, req.fixed)
+            trial.set_user_attr(ATTR_CONFIG, cfg.model_dump())
+            reporter = OptunaReporter(trial)
             result = fine_tune_and_score(cfg, task_data, reporter, cache=cache)
+        except KeyboardInterrupt:
+            trial.set_user_attr(ATTR_FAIL, "Interrupted: stopped by the user (Ctrl-C); retried on resume")
+            trial.set_user_attr(ATTR_INTERRUPTED, True)
+            raise
         except Exception as exc:
             trial.set_user_attr(ATTR_FAIL, f"{type(exc).__name__}: {exc}"[:2000])
             raise
@@ -105,9 +238,11 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache)
 def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callbacks: list | None = None,
               cache: FeatureCache | None = None) -> optuna.Study:
     """Run (or resume) the study until it has ``req.budget`` finished trials or the timeout passes."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs every failed trial with a traceback; we record the reason and log one line instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     task_data = task_data or req.task.prepare()
     study = create_study(req)
+    recover_interrupted(study)
     done = count_finished(study)
     budget = req.budget + (done if req.extend else 0)
     remaining = budget - done
@@ -116,8 +251,8 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
         return study
     cache = cache or FeatureCache()
     # every worker stops once the study as a whole has its budget
-    stop = optuna.study.MaxTrialsCallback(budget, states=FINISHED)
-    study.optimize(make_objective(req, task_data, cache), n_trials=remaining, timeout=req.timeout,
-                   n_jobs=req.n_jobs, catch=(Exception,), callbacks=[stop, *(callbacks or [])],
+    stop = BudgetCallback(budget)
+    study.optimize(make_objective(req, task_data, cache, budget), n_trials=remaining, timeout=req.timeout,
+                   n_jobs=req.n_jobs, catch=(Exception,), callbacks=[stop, log_failures, *(callbacks or [])],
                    gc_after_trial=False, show_progress_bar=False)
     return study

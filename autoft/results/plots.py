@@ -16,8 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def _save(fig, path: Path) -> Path:
+    from autoft.results.tables import atomic_path
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
     plt.close(fig)
     return path
 

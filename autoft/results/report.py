@@ -16,7 +16,8 @@ from pathlib import Path
 import optuna
 
 from autoft.results.plots import write_plots
-from autoft.results.tables import best_document, best_trial, leaderboard, trials_table, write_yaml
+from autoft.results.tables import (atomic_path, best_document, best_trial, leaderboard, trials_table,
+                                   write_yaml)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,8 @@ def write_report(study: optuna.Study, task, folder: Path, *, test_metrics: dict 
 
 
 def _write_csv(df, path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def _previous_test_metrics(path: Path, trial: int) -> dict | None:

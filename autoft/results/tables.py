@@ -1,7 +1,10 @@
 """Trials as a pandas table, the per-backbone leaderboard, and ``best.yaml``."""
 from __future__ import annotations
 
+import os
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -40,7 +43,7 @@ def trial_row(t: FrozenTrial) -> dict:
 
 
 def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
-    rows = [trial_row(t) for t in trials if t.state != TrialState.WAITING]
+    rows = [trial_row(t) for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get("surplus")]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=BASE_COLUMNS)
@@ -69,7 +72,7 @@ def leaderboard(df: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
 
 
 def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    c = Counter(t.state.name.lower() for t in trials)
+    c = Counter(t.state.name.lower() for t in trials if not t.user_attrs.get("surplus"))
     return {s: c.get(s, 0) for s in ("complete", "pruned", "fail", "running")}
 
 
@@ -113,11 +116,24 @@ def best_document(study: optuna.Study, task, trial: FrozenTrial | None = None, t
     return doc
 
 
-def write_yaml(path: Path, doc: dict) -> None:
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step.
+
+    The temporary name is unique per process, so several workers may write the same file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain(doc), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_yaml(path: Path, doc: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(_plain(doc), sort_keys=False), encoding="utf-8")
 
 
 def _plain(x):

@@ -1,0 +1,152 @@
+"""Reliability: SIGKILL and Ctrl-C mid-trial, concurrent workers on one SQLite file, bad trials."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from autoft.cli import main
+from autoft.engines.optuna_engine import ATTR_RETRY_OF, count_finished
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+ARGS = ["--task", "digits", "--backbones", "resnet20", "--set", "unfreeze=2", "--set", "epochs=3",
+        "--pruner", "none", "--no-final-check"]
+
+
+def _autoft(args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "autoft.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _states(db: Path) -> list[tuple[int, str]]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=30) as con:
+            return con.execute("select number, state from trials order by number").fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def _wait_until(pred, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def _study(results: Path) -> optuna.Study:
+    return optuna.load_study(study_name="default", storage=f"sqlite:///{results / 'digits' / 'optuna.db'}")
+
+
+def _kill_mid_trial(results: Path, sig: int, n_complete: int, budget: int) -> subprocess.Popen:
+    db = results / "digits" / "optuna.db"
+    p = _autoft(["search", *ARGS, "--results-dir", str(results), "--n-trials", str(budget)])
+    _wait_until(lambda: sum(s == "COMPLETE" for _, s in _states(db)) >= n_complete
+                and any(s == "RUNNING" for _, s in _states(db)))
+    time.sleep(0.5)  # well inside the running trial
+    p.send_signal(sig)
+    p.wait(timeout=120)
+    return p
+
+
+def test_sigkill_then_same_command_resumes_exactly(tmp_path):
+    p = _kill_mid_trial(tmp_path, signal.SIGKILL, n_complete=2, budget=4)
+    assert p.returncode == -signal.SIGKILL
+    before = {t.number: (t.state.name, t.value, t.params) for t in _study(tmp_path).trials}
+    killed = [n for n, (s, _, _) in before.items() if s == "RUNNING"]
+    assert len(killed) == 1
+    # the same command again
+    p2 = _autoft(["search", *ARGS, "--results-dir", str(tmp_path), "--n-trials", "4"])
+    out, err = p2.communicate(timeout=600)
+    assert p2.returncode == 0, err
+    study = _study(tmp_path)
+    after = {t.number: t for t in study.trials}
+    for n, (state, value, _) in before.items():  # every finished trial is kept as it was
+        if state == "COMPLETE":
+            assert after[n].state.name == "COMPLETE" and after[n].value == value
+    dead = after[killed[0]]
+    assert dead.state.name == "FAIL" and "WorkerDied" in dead.user_attrs["fail_reason"]
+    retries = [t for t in study.trials if t.user_attrs.get(ATTR_RETRY_OF) == killed[0]]
+    assert len(retries) == 1 and retries[0].params == before[killed[0]][2]  # same configuration again
+    assert retries[0].state.name == "COMPLETE"
+    assert count_finished(study) == 4  # exactly the budget
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
+    df = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
+    assert df.fail_reason.fillna("").str.contains("WorkerDied").sum() == 1
+
+
+def test_ctrl_c_is_graceful_and_resumable(tmp_path):
+    p = _kill_mid_trial(tmp_path, signal.SIGINT, n_complete=1, budget=3)
+    err = p.stderr.read()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    df = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")  # results written on the way out
+    interrupted = df[df.fail_reason.fillna("").str.contains("Interrupted")]
+    assert len(interrupted) == 1 and (df.state == "complete").sum() >= 1
+    assert main(["search", *ARGS, "--results-dir", str(tmp_path), "--n-trials", "3"]) == 0
+    study = _study(tmp_path)
+    assert count_finished(study) == 3
+    assert any(t.user_attrs.get(ATTR_RETRY_OF) == int(interrupted.number.iloc[0]) for t in study.trials)
+
+
+def test_four_processes_share_one_sqlite_study(tmp_path):
+    budget = 8
+    procs = [_autoft(["search", *ARGS, "--set", "unfreeze=0", "--set", "epochs=2", "--results-dir", str(tmp_path),
+                      "--n-trials", str(budget)], env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(4)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "database is locked" not in err + out
+    study = _study(tmp_path)
+    counted = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    assert len(counted) == budget == count_finished(study)  # none lost, none extra
+    assert all(t.state.name == "COMPLETE" for t in counted)
+    assert len({t.number for t in counted}) == budget
+    df = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
+    assert len(df) == budget
+
+
+def test_every_trial_failing_names_the_most_common_reason(tmp_path, capsys):
+    code = main(["search", "--task", "digits", "--backbones", "resnet20", "--set", "epochs=1", "--set", "unfreeze=0",
+                 "--set", "optimizer=sgd", "--set", "lr=1e6", "--n-trials", "2", "--results-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "every trial" in err and "loss became" in err
+    df = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
+    assert (df.state == "fail").all() and df.fail_reason.str.contains("TrialFailed").all()
+
+
+def test_unloadable_backbone_fails_that_trial_only(tmp_path, monkeypatch):
+    """A backbone whose weights cannot be loaded fails its trials; the others complete."""
+    empty = tmp_path / "home"
+    (empty / "weights").mkdir(parents=True)
+    real = Path(os.environ["AUTOFT_HOME"]) / "weights" / "resnet20-12fca82f.th"
+    (empty / "weights" / real.name).symlink_to(real)  # resnet32's weights are missing
+    monkeypatch.setenv("AUTOFT_HOME", str(empty))
+    monkeypatch.setenv("AUTOFT_OFFLINE", "1")
+    from autoft.engines.common import build_request
+    from autoft.engines.optuna_engine import run_study
+    from autoft.task import load_task
+
+    task = load_task("digits")
+    req = build_request(task, overrides={"backbone": ["resnet20", "resnet32"], "epochs": 1, "unfreeze": 0},
+                        results_dir=tmp_path / "r", n_trials=4)
+    study = optuna.create_study(study_name="default", storage=req.storage_url, direction="maximize")
+    for b in ("resnet32", "resnet20", "resnet32", "resnet20"):
+        study.enqueue_trial({"backbone": b})
+    study = run_study(req)
+    by = {t.params["backbone"]: t for t in study.trials}
+    assert by["resnet32"].state.name == "FAIL" and "WeightsError" in by["resnet32"].user_attrs["fail_reason"]
+    assert "resnet32-d509ac18.th" in by["resnet32"].user_attrs["fail_reason"]
+    assert by["resnet20"].state.name == "COMPLETE"
