@@ -100,6 +100,13 @@ class SearchSpace:
     def with_overrides(self, overrides: dict[str, Any]) -> "SearchSpace":
         """A copy where each overridden parameter is fixed (a list for ``backbone`` stays a choice)."""
         params = []
+        for name, v in overrides.items():
+            _check_name(name, "--set", name)
+            if isinstance(v, list) and not v:
+                raise ConfigError(f"the list for '{name}' is empty", file="--set", field=name)
+            if name != "backbone":
+                for one in (v if isinstance(v, list) else [v]):
+                    _check_value(name, one, "--set", name)
         for p in self.params:
             if p.name in overrides:
                 v = overrides[p.name]
@@ -111,7 +118,6 @@ class SearchSpace:
                 params.append(p)
         for name, v in overrides.items():
             if name not in self.names:
-                _check_name(name, self.file, "--set")
                 params.append(Param(name, "fixed", value=v))
         space = SearchSpace(params, self.file)
         space.validate()
@@ -125,6 +131,24 @@ class SearchSpace:
                 get_spec(b)
             except Exception as exc:
                 raise ConfigError(str(exc), file=self.file, field="backbone") from None
+        if not self.backbones:
+            raise ConfigError("the backbone list is empty; name at least one backbone", file=self.file,
+                              field="backbone")
+        un = self.get("unfreeze")
+        if un is not None and un.kind != "categorical":
+            top = un.value if un.kind == "fixed" else un.high
+            if isinstance(top, int):
+                for b in self.backbones:
+                    if top > num_stages(b):
+                        raise ConfigError(
+                            f"unfreeze {top} is above the {num_stages(b)} stages of backbone '{b}'; use at most "
+                            f"{num_stages(b)}, or 'high: num_stages' to follow each backbone", file=self.file,
+                            field="unfreeze")
+        elif un is not None:
+            for b in self.backbones:
+                if max(un.choices) > num_stages(b):
+                    raise ConfigError(f"unfreeze choice {max(un.choices)} is above the {num_stages(b)} stages of "
+                                      f"backbone '{b}'", file=self.file, field="unfreeze")
         # a complete config must be buildable from the defaults + fixed values
         try:
             TrialConfig(backbone=self.backbones[0], **{p.name: p.value for p in self.params
@@ -219,6 +243,7 @@ def _check_value(name: str, value: Any, file, fld: str) -> None:
     except Exception as exc:
         msg = str(exc).split("\n")
         detail = msg[2].strip() if len(msg) > 2 else str(exc)
+        detail = detail.split(" [type=")[0]
         raise ConfigError(f"invalid value {value!r}: {detail}", file=file, field=fld) from None
 
 

@@ -69,7 +69,7 @@ class Task(_Model):
     positive_class: str | None = None
     split: SplitSpec = SplitSpec()
     budget: BudgetSpec = BudgetSpec()
-    search_space: str = "default"
+    search_space: str | None = None  # default: cifar_resnets for images, text_minilm for text
     pruner: Literal["hyperband", "median", "successive_halving", "none"] = "hyperband"
     seed: int = 0
     device: str = "cpu"
@@ -112,7 +112,8 @@ class Task(_Model):
         return Path(expand_vars(self.data.path, self._file, "data.path")) if self.data.path else None
 
     def search_space_path(self) -> Path:
-        return find_search_space(self.search_space, self._file)
+        default = "text_minilm" if self.modality == "text" else "cifar_resnets"
+        return find_search_space(self.search_space or default, self._file)
 
     # -- loading data -------------------------------------------------------------------------
     def load_data(self):
