@@ -1,0 +1,27 @@
+"""Production artifacts: export a trial as a self-contained folder, and serve predictions from it.
+
+* :func:`export_trial` (in :mod:`autoft.export.export`) refits a trial of a study with its exact
+  configuration and seed and writes ``config.yaml``, ``classes.json``, ``preprocessing.json``
+  (+ ``tokenizer/`` for text), ``metrics.json``, ``model.ts`` (TorchScript), ``model.onnx``,
+  ``model.pt`` (state_dict), ``model.json``, a model card ``README.md`` and ``manifest.json``
+  (sha256 of every file).
+* :func:`load_exported` (in :mod:`autoft.export.runtime`) loads such a folder with torch /
+  onnxruntime only — it never imports autoft's training code — and predicts.
+
+Both are imported lazily so that ``import autoft.export`` stays light.
+"""
+from __future__ import annotations
+
+__all__ = ["ExportResult", "ExportedModel", "Predictions", "export_trial", "load_exported"]
+
+
+def __getattr__(name: str):
+    if name in ("export_trial", "ExportResult"):
+        from autoft.export import export
+
+        return getattr(export, name)
+    if name in ("load_exported", "ExportedModel", "Predictions"):
+        from autoft.export import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'autoft.export' has no attribute {name!r}")

@@ -1,0 +1,643 @@
+"""Export a trial of a study as a self-contained folder a user can ship.
+
+:func:`export_trial` takes the best (or a chosen) completed trial, refits its exact configuration
+and seed (on the training split, or on training + validation), scores the refit once on the test
+split, and writes::
+
+    config.yaml          the TrialConfig (``autoft train --config`` reads it)
+    classes.json         class names, in the order of the model's outputs
+    preprocessing.json   input size and normalisation (image) / tokenizer and max_length (text)
+    tokenizer/           text only: tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json
+    metrics.json         validation metrics from the search, test metrics from the refit
+    model.ts             TorchScript: encoded input → logits
+    model.onnx           ONNX (dynamic batch, and sequence length for text)
+    model.pt             plain state_dict of the Classifier (architecture in model.json)
+    model.json           architecture, inputs/outputs, files, provenance, export self-check
+    README.md            model card
+    manifest.json        sha256 of every file; loading checks it
+
+Before the folder is written, the TorchScript and ONNX models and the stand-alone runtime
+(:mod:`autoft.export.runtime`, which re-implements preprocessing) are checked against the PyTorch
+model on test examples: any difference above ``1e-4`` is an :class:`ExportError`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from autoft.core import FeatureCache, TrialConfig, fine_tune_and_score
+from autoft.core.train import TaskData
+from autoft.engines.common import ATTR_CONFIG, ATTR_METRICS, SearchRequest
+from autoft.errors import ConfigError, ExportError, did_you_mean
+from autoft.export.runtime import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_INFO, load_exported, sha256_file
+from autoft.task import Task, load_task
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "onnx")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+ONNX_OPSET = 17
+ATOL = 1e-4  # exported outputs must match the PyTorch model's within this (absolute, on logits)
+VERIFY_EXAMPLES = 64
+
+
+# --------------------------------------------------------------------------------------------
+# the exported network: encoded input → logits, as plain tensors (what TorchScript / ONNX need)
+class ImageNet(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
+class TextNet(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model((input_ids, attention_mask))
+
+
+def wrap(model: nn.Module, modality: str) -> nn.Module:
+    return (TextNet(model) if modality == "text" else ImageNet(model)).eval()
+
+
+def input_names(modality: str) -> list[str]:
+    return ["input_ids", "attention_mask"] if modality == "text" else ["pixel_values"]
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    folder: Path
+    trial: int
+    config: dict
+    metric: str
+    validation_score: float | None
+    validation_metrics: dict
+    test_metrics: dict
+    refit_validation_metrics: dict | None
+    trained_on: tuple[str, ...]
+    verification: dict
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    model: nn.Module | None = field(default=None, repr=False)  # the refit PyTorch Classifier (eval mode)
+
+
+def open_study(task: Task, study_name: str = "default", results_dir: str | Path = "results",
+               storage: str | None = None) -> optuna.Study:
+    """Load the study a search left (same storage rules as ``autoft search``)."""
+    results_dir = Path(results_dir)
+    if storage is None:
+        db = results_dir / task.name / "optuna.db"
+        if not db.is_file():
+            raise ConfigError(f"no search results for task '{task.name}': {db} does not exist. Run "
+                              f"'autoft search --task {task.name} --results-dir {results_dir}' first "
+                              "(or pass --results-dir / --storage)")
+    req = SearchRequest(task=task, space=None, study_name=study_name, results_dir=results_dir, storage=storage)
+    from autoft.engines.optuna_engine import make_storage
+
+    store = make_storage(req.storage_url)
+    try:
+        return optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+        raise ConfigError(f"no study '{study_name}'{did_you_mean(study_name, names)} for task '{task.name}' "
+                          f"in {req.storage_url}; studies there: {', '.join(names) or 'none'}") from None
+
+
+def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
+    trials = study.get_trials(deepcopy=False)
+    done = [t.number for t in trials if t.state == TrialState.COMPLETE]
+    if number is None:
+        if not done:
+            raise ConfigError(f"study '{study.study_name}' has no completed trial to export "
+                              f"({len(trials)} trial(s), none complete)")
+        trial = study.best_trial
+    else:
+        by_number = {t.number: t for t in trials}
+        if number not in by_number:
+            raise ConfigError(f"study '{study.study_name}' has no trial #{number} (trials 0..{len(trials) - 1})",
+                              field="trial")
+        trial = by_number[number]
+        if trial.state != TrialState.COMPLETE:
+            raise ConfigError(f"trial #{number} of study '{study.study_name}' is {trial.state.name.lower()}; only "
+                              f"completed trials can be exported (completed: {_ranges(done) or 'none'})",
+                              field="trial")
+    if ATTR_CONFIG not in trial.user_attrs:
+        raise ConfigError(f"trial #{trial.number} has no recorded configuration (user attribute '{ATTR_CONFIG}'); "
+                          "was it run by autoft?")
+    return trial
+
+
+def _ranges(nums: list[int]) -> str:
+    return ", ".join(str(n) for n in nums[:20]) + (" ..." if len(nums) > 20 else "")
+
+
+def search_summary(study: optuna.Study) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    counts = {s: sum(t.state.name.lower() == s for t in trials) for s in ("complete", "pruned", "fail", "running")}
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
+    trial_seconds = sum(t.duration.total_seconds() for t in trials if t.duration)
+    return {"study": study.study_name, "trials": len(trials), **counts,
+            "wall_seconds": None if wall is None else round(wall, 1), "trial_seconds": round(trial_seconds, 1),
+            "backbones_tried": sorted({str(t.user_attrs.get(ATTR_CONFIG, {}).get("backbone", t.params.get("backbone")))
+                                       for t in trials if t.state != TrialState.RUNNING})}
+
+
+def library_versions(modality: str) -> dict[str, str]:
+    names = ["autoft", "torch", "numpy", "optuna", "onnx", "onnxruntime"]
+    names += ["transformers", "tokenizers"] if modality == "text" else ["torchvision", "pillow"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optuna.Study = "default",
+                 trial: int | None = None, train_val: bool = False, results_dir: str | Path = "results",
+                 storage: str | None = None, formats: tuple[str, ...] = FORMATS,
+                 task_data: TaskData | None = None, cache: FeatureCache | None = None,
+                 overwrite: bool = True) -> ExportResult:
+    """Refit a trial (the best by default) and write a self-contained folder to ``out``.
+
+    ``train_val`` refits on training + validation data (same epochs, seed and recipe).  ``study`` is
+    a study name (loaded from ``results_dir`` / ``storage``) or an ``optuna.Study``.  An existing
+    export in ``out`` is replaced when ``overwrite``; any other non-empty folder is never touched.
+    """
+    t0 = time.perf_counter()
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ConfigError(f"unknown export format(s) {bad or formats}; expected some of {', '.join(FORMATS)}",
+                          field="formats")
+    task = task if isinstance(task, Task) else load_task(task)
+    out = Path(out)
+    _check_target(out, overwrite)
+    study_obj = study if isinstance(study, optuna.Study) else open_study(task, study, results_dir, storage)
+    ft = select_trial(study_obj, trial)
+    cfg = TrialConfig(**ft.user_attrs[ATTR_CONFIG])
+    td = task_data or task.prepare()
+    trained_on = ("train", "val") if train_val else ("train",)
+    log.info("refitting trial #%d (%s, unfreeze %d, %d epochs, seed %d) on %s", ft.number, cfg.backbone,
+             cfg.unfreeze, cfg.epochs, cfg.seed, " + ".join(trained_on))
+    res = fine_tune_and_score(cfg, td, cache=cache, train_on=trained_on, test=len(td.splits.test) > 0,
+                              return_model=True)
+    if not len(td.splits.test):
+        log.warning("task '%s' has no test split: the export records no test metrics", task.name)
+    model = res.model.cpu().eval()
+    backbone = model.backbone
+    pre = backbone.preprocessing
+    refit_val = None if train_val else res.metrics
+    if refit_val is not None and ft.value is not None and abs(res.score - ft.value) > 1e-6:
+        log.warning("the refit's validation %s (%.6f) differs from the search's (%.6f): the data or the "
+                    "code changed since the search", td.metric, res.score, ft.value)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())
+        info, verification = _write_models(model, pre, td, tmp, formats)
+        card = _write_metadata(tmp, task, td, study_obj, ft, cfg, res, trained_on, refit_val, backbone, info,
+                               verification)
+        hashes: dict = {}
+        write_manifest(tmp, pre.modality, hashes)
+        # the stand-alone runtime (its own preprocessing) must give the same logits
+        verification.update(_check_runtime(tmp, model, td, pre.modality))
+        _update_json(tmp / MODEL_INFO, {"verification": verification})
+        card()
+        files = write_manifest(tmp, pre.modality, hashes)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported trial #%d to %s", ft.number, out)
+    return ExportResult(folder=out, trial=ft.number, config=cfg.model_dump(), metric=td.metric,
+                        validation_score=ft.value, validation_metrics=dict(ft.user_attrs.get(ATTR_METRICS) or {}),
+                        test_metrics=res.test_metrics or {}, refit_validation_metrics=refit_val,
+                        trained_on=trained_on, verification=verification, files=files,
+                        seconds=time.perf_counter() - t0, model=model)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def rebuild_model(folder: str | Path) -> nn.Module:
+    """The PyTorch Classifier from an export's ``model.pt`` + ``model.json`` + ``config.yaml``.
+
+    Uses autoft's zoo (the architecture, without pretrained weights); for serving use
+    :func:`autoft.load_exported`, which needs no autoft training code.
+    """
+    from autoft.core.model import Classifier, build_head
+    from autoft.export.runtime import verify_folder
+    from autoft.zoo import get_backbone
+
+    folder = Path(folder)
+    verify_folder(folder)
+    info = json.loads((folder / MODEL_INFO).read_text(encoding="utf-8"))
+    cfg = TrialConfig(**yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+    backbone = get_backbone(info["architecture"], pretrained=False)
+    backbone.set_unfreeze(cfg.unfreeze)
+    model = Classifier(backbone, build_head(backbone.feature_dim, info["num_classes"], cfg))
+    state = torch.load(folder / info["files"]["state_dict"], map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise ExportError(f"--out {out} is not empty and holds no previous export; refusing to write into it "
+                              "(choose a new or empty folder)")
+        if not overwrite:
+            raise ExportError(f"{out} already holds an export (pass overwrite=True to replace it)")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time() * 1000)}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+def _example_indices(td: TaskData, n: int) -> np.ndarray:
+    idx = td.splits.test if len(td.splits.test) else td.splits.train
+    return np.asarray(idx[:n])
+
+
+def _encode(td: TaskData, idx, pre) -> tuple[torch.Tensor, ...]:
+    from autoft.data.encode import encode
+
+    state = encode([td.data.inputs[i] for i in idx], pre)
+    return tuple(state) if isinstance(state, tuple) else (state,)
+
+
+@torch.no_grad()
+def _batched(fn, tensors: tuple[torch.Tensor, ...], batch: int = 64) -> np.ndarray:
+    n = len(tensors[0])
+    return np.concatenate([np.asarray(fn(tuple(t[i:i + batch] for t in tensors)), dtype=np.float32)
+                           for i in range(0, n, batch)])
+
+
+def _write_models(model: nn.Module, pre, td: TaskData, folder: Path, formats) -> tuple[dict, dict]:
+    modality = pre.modality
+    net = wrap(model, modality)
+    names = input_names(modality)
+    idx = _example_indices(td, VERIFY_EXAMPLES)
+    inputs = _encode(td, idx, pre)
+    example = tuple(t[:8] for t in inputs)  # batch > 1 so that no dimension is specialised to 1
+    ref = _batched(lambda ts: net(*ts).numpy(), inputs)
+    files: dict[str, str | None] = {"torchscript": None, "onnx": None, "state_dict": "model.pt"}
+    errors: dict[str, str] = {}
+    verification: dict = {"examples": int(len(idx)), "atol": ATOL}
+
+    torch.save(model.state_dict(), folder / "model.pt")
+    if "torchscript" in formats:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(net, example, check_trace=False)
+                torch.jit.save(traced, str(folder / "model.ts"))  # the saved file is checked by _check_runtime
+            got = _batched(lambda ts: traced(*ts).numpy(), inputs)
+            verification["torchscript_max_abs_diff"] = float(np.abs(got - ref).max())
+            files["torchscript"] = "model.ts"
+        except Exception as exc:  # record why, keep the other formats
+            errors["torchscript"] = f"{type(exc).__name__}: {exc}"[:1000]
+            log.warning("TorchScript export failed: %s", errors["torchscript"])
+            (folder / "model.ts").unlink(missing_ok=True)
+    if "onnx" in formats:
+        try:
+            _export_onnx(net, example, names, folder / "model.onnx")
+            files["onnx"] = "model.onnx"
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                verification["onnx_max_abs_diff"] = None
+                log.warning("onnxruntime is not installed: the ONNX file was written but not checked")
+            else:
+                sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+                got = _batched(lambda ts: sess.run(None, {n: t.numpy() for n, t in zip(names, ts)})[0], inputs)
+                verification["onnx_max_abs_diff"] = float(np.abs(got - ref).max())
+        except Exception as exc:
+            errors["onnx"] = f"{type(exc).__name__}: {exc}"[:1000]
+            log.warning("ONNX export failed: %s", errors["onnx"])
+            (folder / "model.onnx").unlink(missing_ok=True)
+            files["onnx"] = None
+    if not (files["torchscript"] or files["onnx"]):
+        raise ExportError("neither TorchScript nor ONNX export worked: "
+                          + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    for key in ("torchscript_max_abs_diff", "onnx_max_abs_diff"):
+        diff = verification.get(key)
+        if diff is not None and not diff <= ATOL:
+            raise ExportError(f"the exported {key.split('_')[0]} model's logits differ from the PyTorch model's "
+                              f"by {diff:.3g} (> {ATOL}) on {len(idx)} test examples; not exporting a model that "
+                              "behaves differently")
+    shape = ["batch", "sequence"] if modality == "text" else ["batch", pre.channels, pre.input_size, pre.input_size]
+    info = {"files": files, "export_errors": errors, "inputs": names,
+            "input_shapes": {n: shape for n in names},
+            "input_dtypes": {n: ("int64" if modality == "text" else "float32") for n in names},
+            "outputs": ["logits"], "onnx_opset": ONNX_OPSET if files["onnx"] else None}
+    return info, verification
+
+
+def _export_onnx(net: nn.Module, example: tuple, names: list[str], path: Path) -> None:
+    dyn = {n: ({0: "batch", 1: "sequence"} if len(names) == 2 else {0: "batch"}) for n in names}
+    dyn["logits"] = {0: "batch"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:  # the TorchScript-based exporter needs no extra package (the dynamo one needs onnxscript)
+            torch.onnx.export(net, example, str(path), dynamo=False, input_names=names, output_names=["logits"],
+                              dynamic_axes=dyn, opset_version=ONNX_OPSET, do_constant_folding=True)
+        except TypeError:  # a torch without the legacy exporter
+            torch.onnx.export(net, example, str(path), input_names=names, output_names=["logits"],
+                              dynamic_axes=dyn, opset_version=ONNX_OPSET)
+
+
+def _check_runtime(folder: Path, model: nn.Module, td: TaskData, modality: str) -> dict:
+    """Load the written folder with the stand-alone runtime and compare its logits from *raw* inputs.
+
+    One backend is enough: both run the same preprocessing, and each format was already compared
+    with the PyTorch model on encoded inputs."""
+    idx = _example_indices(td, 32)
+    raw = [td.data.inputs[i] for i in idx]
+    pre = model.backbone.preprocessing
+    net = wrap(model, modality)
+    ref = _batched(lambda ts: net(*ts).numpy(), _encode(td, idx, pre))
+    out = {}
+    files = json.loads((folder / MODEL_INFO).read_text())["files"]
+    for backend in [b for b in ("torchscript", "onnx") if files.get(b)][:1]:
+        try:
+            rt = load_exported(folder, backend, verify=False)  # files were hashed a moment ago
+        except ExportError as exc:  # onnxruntime missing: nothing to compare
+            log.info("runtime check with %s skipped: %s", backend, exc)
+            continue
+        diff = float(np.abs(rt.logits(raw) - ref).max())
+        out[f"runtime_{backend}_max_abs_diff"] = diff
+        if not diff <= ATOL:
+            raise ExportError(f"autoft.export.runtime ({backend}) gives logits that differ from the PyTorch model's "
+                              f"by {diff:.3g} (> {ATOL}) on raw test inputs: its preprocessing does not match training")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def _dump_json(path: Path, doc) -> None:
+    path.write_text(json.dumps(doc, indent=2, default=_plain) + "\n", encoding="utf-8")
+
+
+def _update_json(path: Path, update: dict) -> None:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc.update(update)
+    _dump_json(path, doc)
+
+
+def _plain(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, (Path, _dt.datetime)):
+        return str(x)
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _write_metadata(folder: Path, task: Task, td: TaskData, study: optuna.Study, ft: FrozenTrial, cfg: TrialConfig,
+                    res, trained_on, refit_val, backbone, info: dict, verification: dict):
+    created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+    _dump_json(folder / "classes.json", list(td.data.class_names))
+    pre = backbone.preprocessing.to_dict()
+    if pre["modality"] == "text":
+        pre["tokenizer_source"] = pre["tokenizer"]
+        pre["tokenizer"] = "tokenizer"
+        copy_tokenizer(backbone.preprocessing.tokenizer, folder / "tokenizer")
+    _dump_json(folder / "preprocessing.json", pre)
+    sizes = td.splits.sizes()
+    metrics = {
+        "metric": td.metric, "direction": td.direction,
+        "positive_class": td.data.class_names[td.positive_index] if td.positive_index is not None else None,
+        "validation_score": ft.value,
+        "validation": dict(ft.user_attrs.get(ATTR_METRICS) or {}),
+        "test": res.test_metrics,
+        "refit": {"trained_on": list(trained_on), "epochs": res.epochs_run, "seconds": round(res.seconds, 2),
+                  "validation": refit_val},
+        "sizes": sizes,
+    }
+    _dump_json(folder / "metrics.json", metrics)
+    summary = search_summary(study)
+    model_info = {
+        "format": FORMAT, "architecture": cfg.backbone, "modality": pre["modality"],
+        "num_classes": td.data.num_classes,
+        "backbone": {"name": backbone.name, "num_stages": backbone.num_stages, "feature_dim": backbone.feature_dim,
+                     "unfreeze": cfg.unfreeze, "meta": {k: v for k, v in backbone.meta.items()
+                                                        if isinstance(v, (str, int, float, bool, type(None)))}},
+        "head": {k: getattr(cfg, k) for k in ("head", "head_width", "head_depth", "dropout", "activation")},
+        **info,
+        "task": task.name, "task_file": str(task.file) if task.file else None, "study": study.study_name,
+        "trial": ft.number, "trained_on": list(trained_on), "epochs": cfg.epochs, "seed": cfg.seed,
+        "data_fingerprint": td.data.fingerprint(), "created": created, "search": summary,
+        "verification": verification,
+    }
+    _dump_json(folder / MODEL_INFO, model_info)
+
+    def write_card() -> None:  # after the runtime check, so that the card shows every check
+        (folder / "README.md").write_text(model_card(task, td, cfg, ft, res, trained_on, metrics, model_info,
+                                                     library_versions(pre["modality"])), encoding="utf-8")
+
+    write_card()
+    return write_card
+
+
+def copy_tokenizer(source: str | None, dest: Path) -> list[str]:
+    """Copy the tokenizer files of a text backbone (a local folder) into ``dest``."""
+    src = Path(source) if source else None
+    if src is None or not src.is_dir():
+        from transformers import AutoTokenizer  # a hub name: let transformers write the files
+
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(str(dest))
+        except Exception as exc:
+            raise ExportError(f"could not save the tokenizer '{source}' into the export: {exc}") from None
+        return sorted(p.name for p in dest.iterdir())
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if "tokenizer.json" not in copied and "vocab.txt" not in copied:
+        raise ExportError(f"tokenizer folder {src} has neither tokenizer.json nor vocab.txt")
+    for n in copied:
+        shutil.copy2(src / n, dest / n)
+    return copied
+
+
+def write_manifest(folder: Path, modality: str, hashes: dict | None = None) -> list[str]:
+    """Write ``manifest.json`` (sha256 and size of every file).  ``hashes`` memoises digests of
+    unchanged files between calls: {name: ((size, mtime_ns), sha256)}."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    hashes = {} if hashes is None else hashes
+    for f in files:
+        st = (folder / f).stat()
+        key = (st.st_size, st.st_mtime_ns)
+        if f not in hashes or hashes[f][0] != key:
+            hashes[f] = (key, sha256_file(folder / f))
+    info = json.loads((folder / MODEL_INFO).read_text(encoding="utf-8"))
+    requires = ["torch", "numpy"] + (["transformers or tokenizers"] if modality == "text" else ["pillow (image files)"])
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": info.get("created"), "autoft_version": _version("autoft"),
+        "requires": {"packages": requires, "backends": {"torchscript": "torch", "onnx": "onnxruntime"},
+                     "load_with": "autoft.load_exported(DIR) or autoft.export.runtime.load_exported(DIR)"},
+        "files": {f: {"sha256": hashes[f][1], "bytes": hashes[f][0][0]} for f in files},
+    }
+    _dump_json(folder / MANIFEST, manifest)
+    return files + [MANIFEST]
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+def _f(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _refit_note(td: TaskData, ft: FrozenTrial, trained_on, metrics: dict) -> str:
+    if "val" in trained_on:
+        return "The refit trained on the validation data too, so only the test column is an unbiased estimate."
+    got = (metrics["refit"]["validation"] or {}).get(td.metric)
+    if got is not None and ft.value is not None and abs(got - ft.value) <= 1e-6:
+        return (f"The refit reproduces the search's validation {td.metric} exactly ({_f(got)}): same "
+                "configuration, seed and data.")
+    return (f"The refit's validation {td.metric} is {_f(got)}, the search's was {_f(ft.value)}: the data or the code "
+            "changed since the search.")
+
+
+def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res, trained_on, metrics: dict,
+               info: dict, versions: dict) -> str:
+    sizes = metrics["sizes"]
+    s = info["search"]
+    bb = info["backbone"]
+    counts = np.bincount(td.data.labels, minlength=td.data.num_classes)
+    classes = ", ".join(f"{c} ({n})" for c, n in zip(td.data.class_names, counts))
+    recipe = [("backbone", cfg.backbone), ("unfreeze", f"last {cfg.unfreeze} of {bb['num_stages']} stages"
+                                            + (" (head only)" if cfg.unfreeze == 0 else "")),
+              ("head", cfg.head if cfg.head == "linear" else
+               f"mlp, {cfg.head_depth} x {cfg.head_width} {cfg.activation}, dropout {cfg.dropout:g}"),
+              ("optimizer", cfg.optimizer + (f" (momentum {cfg.momentum:g})" if cfg.optimizer == "sgd" else "")),
+              ("learning rate", f"{cfg.lr:.3g} (backbone), {cfg.head_lr:.3g} (head)"),
+              ("weight decay", f"{cfg.weight_decay:.3g}"), ("batch size", cfg.batch_size),
+              ("epochs", cfg.epochs), ("schedule", f"{cfg.schedule}, warmup {cfg.warmup:.3g}"),
+              ("label smoothing", f"{cfg.label_smoothing:.3g}"), ("seed", cfg.seed)]
+    val, test = metrics["validation"], metrics["test"] or {}
+    names = [m for m in (td.metric, "accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_pos",
+                         "precision_pos", "recall_pos", "auroc", "loss") if m in val or m in test]
+    names = list(dict.fromkeys(names))
+    wall = f"{s['wall_seconds']:.0f} s wall clock" if s.get("wall_seconds") is not None else "unknown time"
+    files = info["files"]
+    ver = info["verification"]
+    fmt = ", ".join(k for k in ("torchscript", "onnx") if files.get(k))
+    errs = "".join(f"\n- {k} export failed: {v}" for k, v in info.get("export_errors", {}).items())
+    pre = td.data.modality
+    example = ("autoft predict --model DIR texts.csv --text-column text" if pre == "text"
+               else "autoft predict --model DIR image.png folder/ --out predictions.csv")
+    py_in = '["free entry to win a prize", "see you at 6"]' if pre == "text" else '["image.png"]'
+    lines = [
+        f"# {task.name}: {cfg.backbone} fine-tuned by autoft",
+        "",
+        (task.description or f"{pre} classification") + f" — exported from study '{s['study']}', trial #{ft.number}, "
+        f"on {info['created']}.",
+        "",
+        "## Task and data",
+        "",
+        f"- modality: {pre}; {td.data.num_classes} classes: {classes}",
+        f"- data: {td.data.source or task.data.source} — {len(td.data)} examples; split train {sizes['train']}, "
+        f"validation {sizes['val']}, test {sizes['test']} (stratified, seed {task.split.seed})",
+        f"- metric: {td.metric} ({td.direction})"
+        + (f", positive class '{metrics['positive_class']}'" if metrics.get("positive_class") else ""),
+        "",
+        "## Model",
+        "",
+        "| | |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in recipe],
+        "",
+        f"Refit with this exact configuration and seed on {' + '.join(trained_on)} ({res.epochs_run} epochs, "
+        f"{res.seconds:.1f} s). Backbone: {bb['name']}, {bb['num_stages']} stages, {bb['feature_dim']}-d features"
+        + (f", pretrained weights {bb['meta'].get('weights') or bb['meta'].get('source')}" if bb['meta'] else "") + ".",
+        "",
+        "## How the search went",
+        "",
+        f"- {s['trials']} trials: {s['complete']} complete, {s['pruned']} pruned, {s['fail']} failed; {wall} "
+        f"({s['trial_seconds']:.0f} s summed over trials)",
+        f"- backbones tried: {', '.join(s['backbones_tried'])}",
+        f"- trial #{ft.number} won with validation {td.metric} {_f(ft.value)}",
+        "",
+        "## Scores",
+        "",
+        "| metric | validation (search) | test (refit, scored once) |", "|---|---|---|",
+        *[f"| {m} | {_f(val.get(m))} | {_f(test.get(m))} |" for m in names],
+        "",
+        _refit_note(td, ft, trained_on, metrics),
+        "",
+        "## Files and use",
+        "",
+        f"- model: {fmt} (encoded input → logits; inputs {', '.join(info['inputs'])}), plus `model.pt` "
+        f"(state_dict of architecture '{info['architecture']}'){errs}",
+        "- `config.yaml`, `classes.json`, `preprocessing.json`"
+        + (", `tokenizer/`" if pre == "text" else "") + ", `metrics.json`, `model.json`; `manifest.json` holds the "
+        "sha256 of every file and is checked on loading.",
+        f"- checked at export on {ver.get('examples')} test examples: largest absolute logit difference from the "
+        f"PyTorch model " + ", ".join(f"{k.removesuffix('_max_abs_diff').replace('_', ' ')} {v:.2g}"
+                                      for k, v in ver.items() if k.endswith("_max_abs_diff") and v is not None)
+        + f" (limit {ATOL:g}; 'runtime' = autoft.export.runtime from raw inputs).",
+        "",
+        "```bash", example.replace("DIR", "."), "```",
+        "",
+        "```python", "import autoft", "model = autoft.load_exported(\".\")  # backend='onnx' needs onnxruntime",
+        f"preds = model.predict({py_in})", "print(preds.labels, preds.probabilities)", "```",
+        "",
+        "## Library versions",
+        "",
+        ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+    ]
+    return "\n".join(lines)
