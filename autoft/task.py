@@ -152,7 +152,8 @@ class Task(_Model):
         elif self.metric in BINARY_ONLY:
             raise ConfigError(f"metric '{self.metric}' is for binary tasks, but the data has "
                               f"{ld.num_classes} classes; use accuracy or f1_macro", file=self._file, field="metric")
-        return TaskData(ld, splits, self.metric, pos, device or self.device, self.name)
+        return TaskData(ld, splits, self.metric, pos, device or self.device, self.name,
+                        max_length=self.data.max_length if self.modality == "text" else None)
 
 
 _VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
