@@ -143,7 +143,8 @@ def cmd_search(args) -> int:
         interrupted = False
         with ProgressView(total, min(already, total), task.metric, task.direction, console) as view:
             try:
-                study = run_study(req, task_data=task_data, callbacks=[view], cache=cache)
+                study = run_study(req, task_data=task_data, callbacks=[view], cache=cache,
+                                  rank=False if args.no_rank else None)
             except KeyboardInterrupt:
                 interrupted = True
                 study = create_study(req)
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", choices=["hyperband", "median", "successive_halving", "none"])
     s.add_argument("--extend", action="store_true", help="add --n-trials more trials to a finished study")
     s.add_argument("--no-final-check", action="store_true", help="skip scoring the winner on the test split")
+    s.add_argument("--no-rank", action="store_true",
+                   help="do not rank the backbones (LogME) and try the best-ranked one first")
     s.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
     s.add_argument("--address", help="ray: cluster address (auto or HOST:PORT); default starts a local Ray")
     s.add_argument("--cpus-per-trial", type=float, default=1.0)

@@ -1,19 +1,26 @@
-"""In-process caches that make repeated trials cheap, exactly.
+"""Caches that make repeated trials cheap, exactly.
 
 * pristine backbones (weights read and verified once, then copied per trial);
 * encoded inputs per (data, preprocessing);
-* frozen-prefix outputs per (backbone weights, split point, data, preprocessing): the output of a
-  frozen prefix in eval mode is the same in every epoch and every trial, so it is computed once.
-  When every stage is frozen the pooled feature vector is kept instead (much smaller).
+* frozen-prefix outputs per (backbone weights, split point, data rows, preprocessing): the output
+  of a frozen prefix in eval mode is the same in every epoch and every trial, so it is computed
+  once.  When every stage is frozen the pooled feature vector is kept instead (much smaller).
 
-Entries are evicted least-recently-used once ``max_bytes`` is exceeded.
+Frozen-prefix outputs live in memory (least-recently-used entries are dropped once ``max_bytes``
+is exceeded) and, unless disabled, on disk too, so that other processes, parallel workers and a
+resumed search reuse them.  See :class:`DiskCache` for the disk layout, the key and the eviction
+policy.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import logging
+import os
+import time
+import uuid
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -23,6 +30,10 @@ from autoft.zoo import get_backbone
 from autoft.zoo.base import Backbone, Preprocessing, State, cat_states, index_state, state_to
 
 log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump whenever what is stored (or how it is computed) changes
+DEFAULT_DISK_BYTES = 4 << 30
+_OFF = ("0", "off", "none", "false", "no", "")
 
 
 def state_nbytes(state: State) -> int:
@@ -34,9 +45,15 @@ def state_nbytes(state: State) -> int:
 def state_digest(state: State) -> str:
     h = hashlib.sha256()
     for t in (state if isinstance(state, tuple) else (state,)):
-        h.update(str(tuple(t.shape)).encode())
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def rows_digest(rows: torch.Tensor | None) -> str:
+    if rows is None:
+        return "all"
+    return hashlib.sha256(rows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def trim_text(state: State) -> State:
@@ -48,19 +65,243 @@ def trim_text(state: State) -> State:
     return state
 
 
+# -- weights fingerprints -------------------------------------------------------------------------
+def _module_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.state_dict(keep_vars=True).items())
+
+
+def _versions(backbone: Backbone) -> tuple:
+    """In-place version counters of every stage tensor: they change whenever a weight is modified."""
+    return tuple(t._version for st in backbone.stages for _, t in _module_tensors(st))
+
+
+def _tensor_ids(backbone: Backbone) -> tuple:
+    return tuple(id(t) for st in backbone.stages for _, t in _module_tensors(st))
+
+
+def stage_digests(backbone: Backbone) -> list[str]:
+    """One sha256 per stage over its parameters and buffers (names, dtypes, shapes, values).
+
+    Memoised on the module and checked against the tensors' identities and in-place version
+    counters, so a backbone whose weights were changed (optimizer steps, ``load_state_dict``,
+    batch-norm statistics) is hashed again.
+    """
+    memo = getattr(backbone, "_autoft_stage_digests", None)
+    ids, versions = _tensor_ids(backbone), _versions(backbone)
+    if memo is not None and memo[0] == ids and memo[1] == versions:
+        return memo[2]
+    out = []
+    for st in backbone.stages:
+        h = hashlib.sha256()
+        for name, t in _module_tensors(st):
+            t = t.detach()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        out.append(h.hexdigest()[:16])
+    object.__setattr__(backbone, "_autoft_stage_digests", (ids, versions, out))
+    return out
+
+
+def prefix_weights_digest(backbone: Backbone, split: int) -> str:
+    """A digest of the weights of stages [0, split) (plus the pool when every stage is frozen)."""
+    h = hashlib.sha256("|".join(stage_digests(backbone)[:split]).encode())
+    if split == backbone.num_stages:
+        h.update(f"pool:{type(backbone.pool).__qualname__}".encode())
+    return h.hexdigest()[:16]
+
+
+# -- disk -----------------------------------------------------------------------------------------
+def default_cache_dir() -> Path | None:
+    """``AUTOFT_CACHE_DIR`` (``off`` disables the disk cache), else ``$XDG_CACHE_HOME/autoft/features``
+    or ``~/.cache/autoft/features``.  Deliberately not under ``AUTOFT_HOME``, which may be a
+    read-only folder of shared weights and data."""
+    env = os.environ.get("AUTOFT_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in _OFF else Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "autoft" / "features"
+
+
+def default_disk_bytes() -> int:
+    env = os.environ.get("AUTOFT_CACHE_MAX_GB")
+    if env:
+        try:
+            return int(float(env) * (1 << 30))
+        except ValueError:
+            log.warning("AUTOFT_CACHE_MAX_GB=%r is not a number; using %d GB", env, DEFAULT_DISK_BYTES >> 30)
+    return DEFAULT_DISK_BYTES
+
+
+class DiskCache:
+    """Frozen-prefix outputs as files, shared by every process that uses the same folder.
+
+    * **Key.** A file holds one entry; its name is the sha256 of the full key, and the key itself is
+      stored inside the file and compared on every read.  The key covers everything the stored
+      tensors depend on: backbone name, a sha256 of the weights of the frozen stages, the split
+      point, a digest of the encoded input tensors and of the rows (examples) computed, the
+      preprocessing, the torch version, the device type and the cache format version.  A change in
+      any of them is a different key, so a stale entry can never be read.
+    * **Format.** ``torch.save`` of plain tensors, read back with ``torch.load(weights_only=True)``
+      (no pickled code runs).  Unreadable or mismatching files are deleted and recomputed.
+    * **Writes are atomic**: to a temporary file in the same folder, then ``os.replace``; readers
+      never see a partial file, and concurrent writers of the same key just replace each other.
+    * **Eviction: least recently used, by file modification time**, which every read refreshes.
+      After each write, the oldest files are deleted until the folder holds at most ``max_bytes``.
+      An entry larger than ``max_bytes`` on its own is not stored.  Temporary files older than an
+      hour (left by a crashed writer) are removed too.
+    """
+
+    SUFFIX = ".pt"
+
+    def __init__(self, folder: str | Path, max_bytes: int = DEFAULT_DISK_BYTES):
+        self.folder = Path(folder).expanduser()
+        self.max_bytes = int(max_bytes)
+        self.enabled = True
+        self.reads = self.writes = self.evictions = 0
+
+    def path(self, key: str) -> Path:
+        return self.folder / (hashlib.sha256(key.encode()).hexdigest()[:40] + self.SUFFIX)
+
+    def get(self, key: str) -> State | None:
+        if not self.enabled:
+            return None
+        path = self.path(key)
+        try:
+            doc = torch.load(path, map_location="cpu", weights_only=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:  # unreadable folder: compute, keep going
+            log.warning("feature cache: cannot read %s (%s); recomputing", path, exc)
+            return None
+        except Exception as exc:  # corrupt or foreign file: drop it, recompute
+            log.warning("feature cache: unreadable file %s (%s); recomputing", path, exc)
+            _unlink(path)
+            return None
+        if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("tensors"), list):
+            log.warning("feature cache: %s does not hold the expected entry; recomputing", path)
+            return None
+        try:
+            os.utime(path)  # most recently used
+        except OSError:
+            pass
+        self.reads += 1
+        tensors = doc["tensors"]
+        return tuple(tensors) if doc.get("tuple") else tensors[0]
+
+    def put(self, key: str, state: State) -> bool:
+        if not self.enabled:
+            return False
+        size = state_nbytes(state)
+        if size > self.max_bytes:
+            log.info("feature cache: entry of %.1f MB exceeds the disk bound (%.1f MB); not stored",
+                     size / 1e6, self.max_bytes / 1e6)
+            return False
+        tensors = [t.contiguous() for t in (state if isinstance(state, tuple) else (state,))]
+        doc = {"key": key, "tuple": isinstance(state, tuple), "tensors": tensors}
+        path = self.path(key)
+        tmp = self.folder / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(doc, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            _unlink(tmp)
+            log.warning("feature cache: cannot write to %s (%s); disk cache disabled for this run",
+                        self.folder, exc)
+            self.enabled = False
+            return False
+        self.writes += 1
+        self.evict(keep=path)
+        return True
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every stored entry, oldest first."""
+        out = []
+        try:
+            files = list(self.folder.iterdir())
+        except OSError:
+            return []
+        now = time.time()
+        for p in files:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if p.suffix == self.SUFFIX and not p.name.startswith("."):
+                out.append((st.st_mtime, st.st_size, p))
+            elif p.name.endswith(".tmp") and now - st.st_mtime > 3600:
+                _unlink(p)  # left behind by a writer that died
+        return sorted(out)
+
+    def size(self) -> int:
+        return sum(s for _, s, _ in self.entries())
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Delete least recently used entries until the folder holds at most ``max_bytes``."""
+        entries = self.entries()
+        total = sum(s for _, s, _ in entries)
+        removed = 0
+        for _, size, p in entries:
+            if total <= self.max_bytes:
+                break
+            if p == keep:
+                continue
+            _unlink(p)
+            total -= size
+            removed += 1
+        self.evictions += removed
+        if removed:
+            log.info("feature cache: evicted %d least recently used entries from %s", removed, self.folder)
+        return removed
+
+    def clear(self) -> None:
+        for _, _, p in self.entries():
+            _unlink(p)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+# -- the cache ------------------------------------------------------------------------------------
 class FeatureCache:
-    def __init__(self, max_bytes: int = 4 << 30):
+    """Backbones, encoded inputs and frozen-prefix outputs, shared by the trials of a process.
+
+    ``disk``: ``None`` (default) uses :func:`default_cache_dir` (``AUTOFT_CACHE_DIR=off`` disables
+    it), ``False`` keeps everything in memory, a path or :class:`DiskCache` uses that folder.
+    ``max_disk_bytes`` bounds the folder (default ``AUTOFT_CACHE_MAX_GB`` or 4 GB).
+    """
+
+    def __init__(self, max_bytes: int = 4 << 30, disk: str | Path | bool | DiskCache | None = None,
+                 max_disk_bytes: int | None = None):
         self.max_bytes = max_bytes
         self._backbones: dict[str, Backbone] = {}
         self._encoded: dict[tuple, tuple[State, str]] = {}
-        self._prefix: OrderedDict[tuple, State] = OrderedDict()
-        self.hits = self.misses = 0
+        self._prefix: OrderedDict[str, State] = OrderedDict()
+        self.hits = self.misses = self.disk_hits = 0
+        if isinstance(disk, DiskCache):
+            self.disk: DiskCache | None = disk
+        elif disk is False:
+            self.disk = None
+        else:
+            folder = default_cache_dir() if disk is None or disk is True else Path(disk)
+            self.disk = DiskCache(folder, max_disk_bytes or default_disk_bytes()) if folder else None
 
     # -- backbones -------------------------------------------------------------------------
     def backbone(self, name: str) -> Backbone:
         if name not in self._backbones:
             self._backbones[name] = get_backbone(name)
-        return copy.deepcopy(self._backbones[name])
+            stage_digests(self._backbones[name])
+        pristine = self._backbones[name]
+        bb = copy.deepcopy(pristine)
+        # an exact copy: carry the weights fingerprint over (checked against the copy's own tensors)
+        object.__setattr__(bb, "_autoft_stage_digests",
+                           (_tensor_ids(bb), _versions(bb), list(stage_digests(pristine))))
+        return bb
 
     # -- encoded inputs --------------------------------------------------------------------
     def encoded(self, data: LabelledData, pre: Preprocessing) -> tuple[State, str]:
@@ -72,16 +313,39 @@ class FeatureCache:
         return self._encoded[key]
 
     # -- frozen prefix ---------------------------------------------------------------------
+    def prefix_key(self, backbone: Backbone, digest: str, split: int, rows: torch.Tensor | None = None,
+                   device: torch.device | str = "cpu") -> str:
+        """Everything the prefix output depends on, as one string."""
+        parts = {"format": FORMAT_VERSION, "backbone": backbone.name,
+                 "weights": prefix_weights_digest(backbone, split), "split": split,
+                 "pooled": split == backbone.num_stages, "inputs": digest, "rows": rows_digest(rows),
+                 "preprocessing": backbone.preprocessing.key(), "torch": torch.__version__,
+                 "device": torch.device(device).type}
+        return repr(sorted(parts.items()))
+
     def prefix(self, backbone: Backbone, state: State, digest: str, split: int,
-               device: torch.device | str = "cpu", batch_size: int = 256) -> State:
-        """Output of stages [0, split) for every example (pooled when split == num_stages)."""
-        key = (backbone.name, repr(sorted(backbone.meta.items())), split, digest)
+               device: torch.device | str = "cpu", batch_size: int = 64,
+               rows: torch.Tensor | None = None) -> State:
+        """Output of stages [0, split) (pooled when split == num_stages) for the examples ``rows``
+        of ``state`` (all when None), in the order of ``rows``."""
+        key = self.prefix_key(backbone, digest, split, rows, device)
         if key in self._prefix:
             self.hits += 1
             self._prefix.move_to_end(key)
             return self._prefix[key]
-        self.misses += 1
-        out = compute_prefix(backbone, state, split, device, batch_size)
+        out = self.disk.get(key) if self.disk is not None else None
+        if out is not None:
+            self.disk_hits += 1
+            log.debug("feature cache: %s split %d read from disk", backbone.name, split)
+        else:
+            self.misses += 1
+            t0 = time.perf_counter()
+            sub = state if rows is None else index_state(state, rows)
+            out = compute_prefix(backbone, sub, split, device, batch_size)
+            log.info("feature cache: %s split %d computed for %d examples in %.2fs", backbone.name, split,
+                     len(sub[0]) if isinstance(sub, tuple) else len(sub), time.perf_counter() - t0)
+            if self.disk is not None:
+                self.disk.put(key, out)
         self._prefix[key] = out
         self._evict()
         return out
@@ -92,15 +356,25 @@ class FeatureCache:
             _, old = self._prefix.popitem(last=False)
             total -= state_nbytes(old)
 
+    def stats(self) -> dict[str, int]:
+        return {"memory_hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses,
+                "memory_entries": len(self._prefix),
+                "memory_bytes": sum(state_nbytes(s) for s in self._prefix.values())}
+
 
 @torch.no_grad()
-def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", batch_size: int = 256) -> State:
+def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", batch_size: int = 64) -> State:
     was_training = backbone.training
     backbone.eval()
     n = len(state[0]) if isinstance(state, tuple) else len(state)
+    order = None
+    if isinstance(state, tuple) and len(state) == 2 and state[1].dim() == 2:
+        # text: batch examples of similar length so that little padding is computed (exact: padding
+        # is masked out of attention and pooling); the outputs are put back in dataset order below
+        order = torch.argsort(state[1].sum(1), stable=True)
     parts = []
     for i in range(0, n, batch_size):
-        xb = index_state(state, slice(i, i + batch_size))
+        xb = index_state(state, slice(i, i + batch_size) if order is None else order[i:i + batch_size])
         xb = state_to(trim_text(xb), device)
         out = backbone.forward_stages(xb, 0, split)
         if split == backbone.num_stages:
@@ -111,7 +385,8 @@ def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", b
             out = tuple(_pad_to(o, width) for o in out)
         parts.append(tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu())
     backbone.train(was_training)
-    return cat_states(parts)
+    out = cat_states(parts)
+    return out if order is None else index_state(out, torch.argsort(order))
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:

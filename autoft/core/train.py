@@ -5,9 +5,12 @@ Knows nothing about Optuna or Ray: it gets a :class:`TrialConfig`, a :class:`Tas
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +41,7 @@ class TaskData:
     positive_index: int | None = None
     device: str = "cpu"
     name: str = "task"
+    max_length: int | None = None  # text: tokens kept per example (overrides the backbone's default)
 
     @property
     def direction(self) -> str:
@@ -83,6 +87,32 @@ def _lr_lambda(cfg: TrialConfig, total_steps: int):
     return f
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"users": 0, "saved": None}
+
+
+@contextmanager
+def single_thread(enabled: bool = True):
+    """Run the block with one intra-op thread (then restore), for tiny workloads such as a head trained
+    on cached features, where thread start-up and synchronisation cost more than the work itself.
+    Nested and concurrent uses (trials run as threads) are counted; the last one out restores it."""
+    if not enabled:
+        yield
+        return
+    with _THREADS_LOCK:
+        if _THREADS_STATE["users"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["users"] -= 1
+            if _THREADS_STATE["users"] == 0:
+                torch.set_num_threads(_THREADS_STATE["saved"])
+
+
 def _indices(splits: Splits, names: tuple[str, ...] | str) -> torch.Tensor:
     names = (names,) if isinstance(names, str) else names
     return torch.from_numpy(np.sort(np.concatenate([getattr(splits, n) for n in names]))).long()
@@ -118,10 +148,19 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
         raise ConfigError(f"unfreeze={cfg.unfreeze} but backbone '{cfg.backbone}' has only "
                           f"{backbone.num_stages} stages (allowed 0..{backbone.num_stages})", field="unfreeze")
     backbone.set_unfreeze(cfg.unfreeze)
+    if task.max_length and backbone.preprocessing.modality == "text":
+        backbone.preprocessing = dataclasses.replace(backbone.preprocessing, max_length=task.max_length)
     split = backbone.split
     encoded, digest = cache.encoded(task.data, backbone.preprocessing)
+    train_idx, eval_idx = _indices(task.splits, train_on), _indices(task.splits, evaluate_on)
+    test_idx = _indices(task.splits, "test") if test else None
+    pos = None  # dataset index -> row of ``feats`` (None: feats holds every example)
     if use_cache and split > 0:
-        feats = cache.prefix(backbone, encoded, digest, split, device)
+        # the prefix is computed only for the examples this run touches (not a few-shot task's test set)
+        rows = torch.unique(torch.cat([train_idx, eval_idx] + ([test_idx] if test else [])))
+        feats = cache.prefix(backbone, encoded, digest, split, device, rows=rows)
+        pos = torch.full((len(task.data),), -1, dtype=torch.long)
+        pos[rows] = torch.arange(len(rows))
         start = split + 1 if split == backbone.num_stages else split
     else:
         feats, start = encoded, 0
@@ -138,7 +177,6 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
     else:
         opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    train_idx, eval_idx = _indices(task.splits, train_on), _indices(task.splits, evaluate_on)
     labels = torch.from_numpy(task.data.labels)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
@@ -147,46 +185,47 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
 
     history: list[dict[str, float]] = []
     best_score, best_epoch, stopped, metrics = -math.inf * sign, 0, False, {}
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
-        loss_sum = 0.0
-        for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
-            b = perm[i:i + cfg.batch_size]
-            xb = state_to(trim_text(index_state(feats, b)), device)
-            yb = labels[b].to(device)
-            try:
-                logits = model.forward_from(xb, start)
-                loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrialFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
-                                      f"(lr={cfg.lr:g}, head lr={cfg.head_lr:g}); the run was stopped. "
-                                      "A lower learning rate usually avoids this.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            except torch.OutOfMemoryError:
-                raise TrialFailed(f"out of memory at batch size {cfg.batch_size} on {device}") from None
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach().item() * len(b)
-        logits = predict_logits(model, feats, eval_idx, start, device)
-        metrics = compute_metrics(logits, labels[eval_idx], task.data.num_classes, task.positive_index)
-        score = metrics[task.metric]
-        if not math.isfinite(score):
-            raise TrialFailed(f"validation {task.metric} is {score} at epoch {epoch}")
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), **metrics})
-        if sign * score > sign * best_score:
-            best_score, best_epoch = score, epoch
-        if reporter.report(epoch, score, metrics):
-            stopped = epoch < cfg.epochs
-            break
+    # a head on cached pooled features is tiny: per-op threading overhead would dominate it
+    with single_thread(start > backbone.num_stages and device.type == "cpu"):
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+            loss_sum = 0.0
+            for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
+                b = perm[i:i + cfg.batch_size]
+                xb = state_to(trim_text(index_state(feats, b if pos is None else pos[b])), device)
+                yb = labels[b].to(device)
+                try:
+                    logits = model.forward_from(xb, start)
+                    loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise TrialFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
+                                          f"(lr={cfg.lr:g}, head lr={cfg.head_lr:g}); the run was stopped. "
+                                          "A lower learning rate usually avoids this.")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                except torch.OutOfMemoryError:
+                    raise TrialFailed(f"out of memory at batch size {cfg.batch_size} on {device}") from None
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach().item() * len(b)
+            logits = predict_logits(model, feats, eval_idx if pos is None else pos[eval_idx], start, device)
+            metrics = compute_metrics(logits, labels[eval_idx], task.data.num_classes, task.positive_index)
+            score = metrics[task.metric]
+            if not math.isfinite(score):
+                raise TrialFailed(f"validation {task.metric} is {score} at epoch {epoch}")
+            history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), **metrics})
+            if sign * score > sign * best_score:
+                best_score, best_epoch = score, epoch
+            if reporter.report(epoch, score, metrics):
+                stopped = epoch < cfg.epochs
+                break
 
     result = FineTuneResult(score=metrics[task.metric], best_score=best_score, best_epoch=best_epoch,
                             metrics=metrics, history=history, epochs_run=len(history),
                             stopped_early=stopped)
     if test:
-        test_idx = _indices(task.splits, "test")
-        logits = predict_logits(model, feats, test_idx, start, device)
+        logits = predict_logits(model, feats, test_idx if pos is None else pos[test_idx], start, device)
         result.test_metrics = compute_metrics(logits, labels[test_idx], task.data.num_classes, task.positive_index)
     if return_model:
         result.model = model.cpu().eval()

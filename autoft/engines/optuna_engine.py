@@ -55,6 +55,17 @@ def make_pruner(name: str, max_resource: int) -> optuna.pruners.BasePruner:
                       field="pruner")
 
 
+def postgres_driver(url: str) -> str:
+    """``postgresql://`` with the PostgreSQL driver that is installed (SQLAlchemy 2.1 assumes psycopg 3,
+    earlier versions psycopg2; ``pip install autoft[postgres]`` brings psycopg2)."""
+    import importlib.util
+
+    if url.startswith(("postgresql://", "postgres://")) and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: RDB (sqlite://, postgresql://, ...) with heartbeats, or a journal file."""
     if url.startswith(("journal:", "file:")) or url.endswith((".log", ".journal")):
@@ -63,6 +74,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         path = url.split(":", 1)[1] if url.startswith(("journal:", "file:")) else url
         return optuna.storages.JournalStorage(JournalFileBackend(path))
     kwargs = {}
+    url = postgres_driver(url)
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     return _retrying(lambda: optuna.storages.RDBStorage(
@@ -88,7 +100,7 @@ def _retrying(fn, attempts: int = 8):
 
 def create_study(req: SearchRequest, storage=None) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True,
-                                         group=True, constant_liar=req.n_jobs > 1)
+                                         group=True, constant_liar=True)  # threads or other workers may run trials
     pruner = make_pruner(req.pruner or req.task.pruner, max_epochs(req.space, req.task))
     storage = storage or make_storage(req.storage_url)
     return _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage, sampler=sampler,
@@ -236,8 +248,11 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
 
 
 def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callbacks: list | None = None,
-              cache: FeatureCache | None = None) -> optuna.Study:
-    """Run (or resume) the study until it has ``req.budget`` finished trials or the timeout passes."""
+              cache: FeatureCache | None = None, rank=None) -> optuna.Study:
+    """Run (or resume) the study until it has ``req.budget`` finished trials or the timeout passes.
+
+    ``rank``: how a new study uses the backbone ranking (:class:`autoft.rank.RankPolicy`; None = the
+    default policy, False = no ranking)."""
     # Optuna logs every failed trial with a traceback; we record the reason and log one line instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     task_data = task_data or req.task.prepare()
@@ -250,6 +265,10 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
         log.info("study '%s' already has %d finished trials (budget %d)", req.study_name, done, budget)
         return study
     cache = cache or FeatureCache()
+    if rank is not False:  # rank the backbones on frozen features; try the best first (advisory)
+        from autoft.rank import RankPolicy, apply_ranking
+
+        apply_ranking(study, req, task_data, cache, rank if isinstance(rank, RankPolicy) else RankPolicy())
     # every worker stops once the study as a whole has its budget
     stop = BudgetCallback(budget)
     study.optimize(make_objective(req, task_data, cache, budget), n_trials=remaining, timeout=req.timeout,

@@ -1,0 +1,258 @@
+"""Rank backbones before training: transferability scores on frozen features, in seconds.
+
+For every backbone the pooled features of the frozen network (the ``unfreeze=0`` prefix, taken from
+the :class:`~autoft.core.cache.FeatureCache`, so head-only trials reuse them) are scored on the
+training split with
+
+* **LogME** (You et al., "LogME: Practical Assessment of Pre-trained Models for Transfer Learning",
+  ICML 2021): the log marginal evidence of a Bayesian linear model from features to each one-hot
+  label column, per example, averaged over classes; the prior/noise precisions are fitted by the
+  paper's fixed-point iteration on the SVD of the features.  Higher is better;
+* optionally a **kNN probe**: leave-one-out accuracy of a k-nearest-neighbour classifier (cosine).
+
+The ranking is advisory: the search uses it to try the most promising backbones first
+(:func:`prior_params`) and, when asked, to drop backbones scoring far below the best; fine-tuned
+validation scores decide.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from autoft.core.cache import FeatureCache
+from autoft.core.config import TrialConfig
+from autoft.core.train import TaskData
+from autoft.errors import AutoftError, ConfigError
+from autoft.zoo.base import Backbone
+
+log = logging.getLogger(__name__)
+METHODS = ("logme", "knn")
+
+
+# -- scores ---------------------------------------------------------------------------------------
+def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 100, tol: float = 1e-4) -> float:
+    """LogME of ``features`` (n, d) for integer class ``labels`` (n,): mean per-example log evidence.
+
+    For each class column y (one-hot), with F = U diag(s) V^T and sigma_i = s_i^2, iterate
+    gamma = sum beta sigma_i / (alpha + beta sigma_i), m = beta A^-1 F^T y with A = alpha I + beta F^T F,
+    alpha = gamma / |m|^2, beta = (n - gamma) / |y - F m|^2 until alpha/beta settle; then
+    log p(y|F) = n/2 log beta + d/2 log alpha - n/2 log 2pi - beta/2 |y - F m|^2 - alpha/2 |m|^2 - 1/2 log|A|.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y_int = np.asarray(labels).astype(np.int64)
+    if f.ndim != 2 or len(f) != len(y_int):
+        raise ValueError(f"features must be (n, d) with one label per row; got {f.shape} and {y_int.shape}")
+    n, d = f.shape
+    u, s, _ = np.linalg.svd(f, full_matrices=False)  # u: (n, k), s: (k,)
+    sigma = s ** 2
+    k = len(s)
+    evidences = []
+    for c in np.unique(y_int):
+        y = (y_int == c).astype(np.float64)
+        z = u.T @ y  # coordinates of y in the span of the features
+        resid_out = max(float(y @ y - z @ z), 0.0)  # part of y outside the span: never fitted
+        alpha, beta = 1.0, 1.0
+        for _ in range(max_iter):
+            denom = alpha + beta * sigma
+            gamma = float(np.sum(beta * sigma / denom))
+            m2 = float(np.sum((beta * s * z / denom) ** 2))  # |m|^2 (V is orthonormal)
+            res2 = resid_out + float(np.sum((alpha * z / denom) ** 2))  # |y - F m|^2
+            new_alpha = gamma / max(m2, 1e-12)
+            new_beta = (n - gamma) / max(res2, 1e-12)
+            done = abs(new_alpha - alpha) / alpha < tol and abs(new_beta - beta) / beta < tol
+            alpha, beta = new_alpha, new_beta
+            if done:
+                break
+        denom = alpha + beta * sigma
+        m2 = float(np.sum((beta * s * z / denom) ** 2))
+        res2 = resid_out + float(np.sum((alpha * z / denom) ** 2))
+        logdet = float(np.sum(np.log(denom))) + (d - k) * math.log(alpha)
+        ev = (n / 2 * math.log(beta) + d / 2 * math.log(alpha) - n / 2 * math.log(2 * math.pi)
+              - beta / 2 * res2 - alpha / 2 * m2 - logdet / 2)
+        evidences.append(ev / n)
+    return float(np.mean(evidences))
+
+
+def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5, chunk: int = 2048) -> float:
+    """Leave-one-out accuracy of a k-nearest-neighbour vote (cosine similarity)."""
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    y = torch.as_tensor(np.asarray(labels)).long()
+    n, k = len(f), max(1, min(k, len(f) - 1))
+    num_classes = int(y.max()) + 1
+    correct = 0
+    for i in range(0, n, chunk):
+        sim = f[i:i + chunk] @ f.T
+        rows = torch.arange(i, min(i + chunk, n))
+        sim[rows - i, rows] = -math.inf  # leave the example itself out
+        nb = sim.topk(k, dim=1).indices
+        votes = torch.zeros(len(rows), num_classes).scatter_add_(1, y[nb], torch.ones(len(rows), k))
+        correct += int((votes.argmax(1) == y[rows]).sum())
+    return correct / n
+
+
+# -- ranking --------------------------------------------------------------------------------------
+@dataclass
+class BackboneScore:
+    backbone: str
+    logme: float | None = None
+    knn: float | None = None
+    seconds: float = 0.0  # features (cached or computed) + scores
+    feature_seconds: float = 0.0
+    examples: int = 0
+    feature_dim: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCache,
+                    on: tuple[str, ...] = ("train",)) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features of the frozen backbone (a zoo name or a built backbone) for the examples of
+    ``on``, and their labels.
+
+    Computed for train + validation (the rows head-only trials use, so they share the cache entry).
+    """
+    bb = cache.backbone(backbone) if isinstance(backbone, str) else backbone
+    bb.set_unfreeze(0)
+    encoded, digest = cache.encoded(task.data, bb.preprocessing)
+    rows = torch.from_numpy(np.union1d(task.splits.train, task.splits.val)).long()
+    feats = cache.prefix(bb, encoded, digest, bb.num_stages, task.device if task.device != "auto" else "cpu",
+                         rows=rows)
+    want = np.sort(np.concatenate([getattr(task.splits, s) for s in on]))
+    pos = np.searchsorted(rows.numpy(), want)
+    return feats[torch.from_numpy(pos)].numpy(), task.data.labels[want]
+
+
+def rank_backbones(task: TaskData, backbones: list[str], cache: FeatureCache | None = None, *,
+                   methods: tuple[str, ...] = ("logme",), knn_k: int = 5,
+                   on: tuple[str, ...] = ("train",)) -> list[BackboneScore]:
+    """Score every backbone; best (highest LogME, else kNN) first.  A backbone that cannot be
+    loaded gets ``error`` set and goes last."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown ranking method(s) {unknown}; expected some of {list(METHODS)}")
+    cache = cache or FeatureCache()
+    out = []
+    for name in dict.fromkeys(backbones):
+        t0 = time.perf_counter()
+        score = BackboneScore(name)
+        try:
+            f, y = frozen_features(name, task, cache, on)
+            score.feature_seconds = time.perf_counter() - t0
+            score.examples, score.feature_dim = f.shape
+            if "logme" in methods:
+                score.logme = logme(f, y)
+            if "knn" in methods:
+                score.knn = knn_accuracy(f, y, knn_k)
+        except Exception as exc:  # advisory: a backbone that cannot be scored is ranked last, not fatal
+            score.error = str(exc) if isinstance(exc, AutoftError) else f"{type(exc).__name__}: {exc}"
+            log.warning("ranking: backbone %s skipped: %s", name, score.error)
+        score.seconds = time.perf_counter() - t0
+        out.append(score)
+    key = "logme" if "logme" in methods else "knn"
+    return sorted(out, key=lambda s: (s.error is None, getattr(s, key) if getattr(s, key) is not None
+                                      else -math.inf), reverse=True)
+
+
+# -- use in the search ----------------------------------------------------------------------------
+# The first trial on each top-ranked backbone: a common fine-tuning recipe, TrialConfig's defaults
+# (AdamW, lr 1e-3, head learning rate 10x, linear head, batch 64) with the last half of the stages
+# unfrozen; parameters the recipe does not name are sampled.
+RECIPE = {"unfreeze": "half", **{k: TrialConfig.model_fields[k].default
+                                 for k in ("lr", "head_lr_mult", "head", "optimizer", "batch_size")}}
+
+
+@dataclass
+class RankPolicy:
+    """How the search uses the ranking (computed once, when a study starts).
+
+    ``enqueue``: the first trials of a new study run the ``enqueue`` best-ranked backbones, best first,
+    each with ``first_params`` (values outside the search space are left to the sampler; ``unfreeze:
+    half`` means half of that backbone's stages); 0 enqueues nothing.
+    ``drop_below``: drop backbones whose LogME is more than this below the best (None keeps all).
+    """
+
+    enqueue: int = 1
+    drop_below: float | None = None
+    first_params: dict | None = field(default_factory=lambda: dict(RECIPE))
+    methods: tuple[str, ...] = ("logme",)
+
+    @property
+    def enabled(self) -> bool:
+        return self.enqueue > 0 or self.drop_below is not None
+
+
+def kept_backbones(scores: list[BackboneScore], drop_below: float | None) -> list[str]:
+    ok = [s for s in scores if s.error is None]
+    if drop_below is None or not ok or ok[0].logme is None:
+        return [s.backbone for s in ok]
+    best = ok[0].logme
+    return [s.backbone for s in ok if s.logme is not None and s.logme >= best - drop_below]
+
+
+def _fits(param, value, chosen: dict) -> bool:
+    if param is None or not param.active(chosen):
+        return False
+    if param.kind == "fixed":
+        return param.value == value
+    if param.kind == "categorical":
+        return value in param.choices
+    low, high = param.bounds(chosen)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def prior_params(scores: list[BackboneScore], policy: RankPolicy, space) -> list[dict]:
+    """The parameter sets to enqueue first: one per top-ranked backbone, restricted to the space."""
+    from autoft.space import num_stages
+
+    out = []
+    for b in kept_backbones(scores, policy.drop_below)[: policy.enqueue]:
+        params = {"backbone": b}
+        for name, value in (policy.first_params or {}).items():
+            if name == "unfreeze" and value == "half":
+                value = max(1, round(num_stages(b) / 2))
+                p = space.get("unfreeze")
+                if p is not None and p.kind in ("int", "float"):
+                    value = min(value, int(p.bounds(params)[1]))
+            if _fits(space.get(name), value, params):
+                params[name] = value
+        out.append(params)
+    return out
+
+
+ATTR_RANKING = "ranking"
+
+
+def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: RankPolicy) -> list[BackboneScore]:
+    """Rank the space's backbones for a new study: record the ranking in the study (user attribute
+    ``ranking``), enqueue the first trials, and drop far-behind backbones from ``req.space`` if asked.
+    A study that already has trials reuses its recorded ranking (same space on resume)."""
+    backbones = req.space.backbones
+    recorded = study.user_attrs.get(ATTR_RANKING)
+    if recorded is not None:
+        scores = [BackboneScore(**d) for d in recorded]
+    elif len(backbones) < 2 or not policy.enabled or study.get_trials(deepcopy=False):
+        return []  # nothing to rank, ranking off, or a study that started without it
+    else:
+        t0 = time.perf_counter()
+        scores = rank_backbones(task_data, backbones, cache, methods=policy.methods)
+        study.set_user_attr(ATTR_RANKING, [s.to_dict() for s in scores])
+        log.info("ranked %d backbones in %.1fs: %s", len(scores), time.perf_counter() - t0,
+                 ", ".join(f"{s.backbone} {s.logme:.3f}" if s.logme is not None else s.backbone for s in scores))
+        for params in prior_params(scores, policy, req.space):
+            study.enqueue_trial(params, skip_if_exists=True)
+    if policy.drop_below is None:
+        return scores
+    kept = kept_backbones(scores, policy.drop_below)
+    if kept and set(kept) != set(backbones):
+        log.info("ranking: searching %s (dropped %s: LogME more than %g below the best)", ", ".join(kept),
+                 ", ".join(sorted(set(backbones) - set(kept))), policy.drop_below)
+        req.space = req.space.with_overrides({"backbone": [b for b in backbones if b in kept]})
+    return scores

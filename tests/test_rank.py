@@ -1,0 +1,150 @@
+"""Backbone ranking before training: LogME (checked against the evidence computed directly), kNN,
+the ``autoft rank`` command and its use in the search."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from autoft.core import FeatureCache
+from autoft.rank import (RankPolicy, apply_ranking, frozen_features, knn_accuracy, logme, prior_params,
+                         rank_backbones)
+from autoft.zoo import get_backbone
+
+
+def _direct_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """log N(y | 0, I/beta + F F^T/alpha): the marginal likelihood LogME maximises, per example."""
+    n = len(y)
+    cov = np.eye(n) / beta + f @ f.T / alpha
+    sign, logdet = np.linalg.slogdet(cov)
+    return float(-0.5 * (n * math.log(2 * math.pi) + logdet + y @ np.linalg.solve(cov, y))) / n
+
+
+def test_logme_is_the_maximised_evidence():
+    rng = np.random.default_rng(0)
+    n, d = 60, 8
+    f = rng.normal(size=(n, d))
+    labels = (f[:, 0] + 0.5 * rng.normal(size=n) > 0).astype(int)  # two classes
+    per_class = []
+    for c in (0, 1):
+        y = (labels == c).astype(float)
+        res = minimize(lambda p: -_direct_evidence(f, y, math.exp(p[0]), math.exp(p[1])), x0=[0.0, 0.0],
+                       method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+        per_class.append(-res.fun)
+    assert logme(f, labels) == pytest.approx(np.mean(per_class), abs=1e-4)
+
+
+def test_logme_prefers_informative_features():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, size=300)
+    informative = np.eye(5)[y] * 3 + rng.normal(size=(300, 5)) * 0.5
+    noise = rng.normal(size=(300, 5))
+    assert logme(np.hstack([informative, noise]), y) > logme(np.hstack([noise, rng.normal(size=(300, 5))]), y)
+    # more samples than dimensions and the reverse both work
+    assert np.isfinite(logme(rng.normal(size=(10, 40)), rng.integers(0, 2, size=10)))
+
+
+def test_knn_probe():
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 20)
+    centres = np.eye(3) * 10
+    f = centres[y] + rng.normal(size=(60, 3))
+    assert knn_accuracy(f, y, k=5) == 1.0
+    assert knn_accuracy(rng.normal(size=(60, 3)), y, k=5) < 0.7
+
+
+def test_pretrained_ranks_above_random_init(digits_task, tmp_path):
+    """On digits, LogME of the CIFAR-pretrained resnet20 beats the same network randomly initialised."""
+    cache = FeatureCache(disk=tmp_path)
+    t0 = time.perf_counter()
+    (pre,) = rank_backbones(digits_task, ["resnet20"], cache)
+    first = time.perf_counter() - t0
+    torch.manual_seed(0)
+    rand = get_backbone("resnet20", pretrained=False).set_unfreeze(0)
+    f, y = frozen_features(rand, digits_task, cache)
+    assert len(y) == len(digits_task.splits.train) == pre.examples
+    assert pre.logme > logme(f, y) + 0.02
+    # seconds: the scores themselves are instant, the features come from the cache the second time
+    t0 = time.perf_counter()
+    (again,) = rank_backbones(digits_task, ["resnet20"], FeatureCache(disk=tmp_path), methods=("logme", "knn"))
+    assert again.logme == pytest.approx(pre.logme, abs=1e-9)
+    assert time.perf_counter() - t0 < max(5.0, first)
+    assert 0.5 < again.knn <= 1.0
+
+
+def test_rank_command(tmp_path, monkeypatch, capsys):
+    from autoft.cli import main
+
+    monkeypatch.setenv("AUTOFT_CACHE_DIR", str(tmp_path / "features"))
+    assert main(["rank", "--task", "digits-fewshot", "--backbones", "resnet20,resnet32", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    ranking = doc["ranking"]
+    assert [r["backbone"] for r in ranking] != [] and {r["backbone"] for r in ranking} == {"resnet20", "resnet32"}
+    assert ranking[0]["logme"] >= ranking[1]["logme"]
+    assert all(r["seconds"] >= 0 and r["examples"] == 200 and r["feature_dim"] == 64 for r in ranking)
+    assert main(["rank", "--task", "digits-fewshot", "--backbones", "resnet20,resnet32"]) == 0  # table
+    out = capsys.readouterr().out
+    assert "LogME" in out and "resnet32" in out and "seconds" in out
+    assert main(["rank", "--task", "digits-fewshot", "--methods", "nope"]) == 2
+
+
+def test_search_tries_top_ranked_backbone_first(tmp_path, monkeypatch):
+    import optuna
+
+    from autoft.engines.common import build_request
+    from autoft.engines.optuna_engine import run_study
+    from autoft.task import load_task
+
+    monkeypatch.setenv("AUTOFT_CACHE_DIR", str(tmp_path / "features"))
+    task = load_task("digits-fewshot")
+    req = build_request(task, overrides={"epochs": 1}, backbones=["resnet20", "resnet32"],
+                        results_dir=tmp_path / "results", n_trials=2)
+    study = run_study(req, task_data=task.prepare())
+    ranking = study.user_attrs["ranking"]
+    assert [r["backbone"] for r in ranking] == sorted([r["backbone"] for r in ranking],
+                                                       key=lambda b: -next(x["logme"] for x in ranking
+                                                                           if x["backbone"] == b))
+    first = study.trials[0]
+    assert first.params["backbone"] == ranking[0]["backbone"]
+    half = round({"resnet20": 10, "resnet32": 16}[first.params["backbone"]] / 2)
+    assert first.params["unfreeze"] == half and first.params["optimizer"] == "adamw"
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    # ranking off: nothing recorded, nothing enqueued
+    req2 = build_request(task, overrides={"epochs": 1}, backbones=["resnet20", "resnet32"], study_name="norank",
+                         results_dir=tmp_path / "results", n_trials=1)
+    assert "ranking" not in run_study(req2, task_data=task.prepare(), rank=False).user_attrs
+
+
+def test_prior_params_stay_in_the_space(digits_task):
+    from autoft.engines.common import build_request
+    from autoft.rank import BackboneScore
+    from autoft.task import load_task
+
+    req = build_request(load_task("sms-spam"))  # unfreeze capped at 3 by text_minilm.yaml
+    scores = [BackboneScore("minilm", logme=0.1)]
+    (params,) = prior_params(scores, RankPolicy(first_params={"unfreeze": "half", "lr": 1.0, "head": "linear"}),
+                             req.space)
+    assert params == {"backbone": "minilm", "unfreeze": 3, "head": "linear"}  # lr 1.0 is outside the range
+    many = [BackboneScore("a", logme=1.0), BackboneScore("b", logme=0.2), BackboneScore("c", error="x")]
+    policy = RankPolicy(enqueue=3, drop_below=0.5, first_params={})
+    assert prior_params(many, policy, req.space) == [{"backbone": "a"}]
+
+
+def test_single_backbone_space_is_not_ranked(tmp_path):
+    """Nothing to rank: no time spent, nothing enqueued."""
+    import optuna
+
+    from autoft.engines.common import build_request
+    from autoft.task import load_task
+
+    req = build_request(load_task("digits-fewshot"), backbones=["resnet20"], results_dir=tmp_path)
+    study = optuna.create_study()
+    assert apply_ranking(study, req, None, FeatureCache(disk=False), RankPolicy()) == []
+    assert not study.trials
+    assert Path(tmp_path).exists()
