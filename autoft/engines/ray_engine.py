@@ -1,0 +1,364 @@
+"""The Ray Tune engine: the same search on a Ray cluster (or a local Ray instance).
+
+* search algorithm: ``OptunaSearch`` driven by the engine-neutral define-by-run space
+  (:meth:`autoft.space.SearchSpace.sample`), with the same TPE settings as the Optuna engine;
+* scheduler: ASHA by default (``--pruner hyperband`` = asynchronous Hyperband, i.e. ASHA with
+  several brackets; ``median`` = median stopping; ``none`` = FIFO); epochs are the fidelity and the
+  core reports every epoch with ``ray.tune.report``;
+* resources: ``cpus_per_trial`` (also torch's thread count in the trial) and ``gpus_per_trial``
+  (fractions allowed); a trial runs on the GPU Ray assigns it, else on the CPU;
+* the task's data is put in Ray's object store once (``tune.with_parameters``), not pickled per trial;
+  each worker process keeps one :class:`FeatureCache` (actors are reused), so frozen-prefix features
+  are computed once per worker and backbone, not once per trial;
+* the experiment lives in ``results/<task>/<study>/ray/tune``; running the same command again
+  resumes an interrupted sweep with ``Tuner.restore``;
+* at the end every finished Ray trial is written into an Optuna study in the normal storage
+  (params, distributions, per-epoch values, the same user attributes as the Optuna engine;
+  ASHA-stopped trials as PRUNED, errors as FAIL with their reason), so ``report``, ``show`` and
+  ``export`` work unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray import tune
+
+from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
+from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_SECONDS,
+                                   SearchRequest, max_epochs)
+from autoft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METRIC = "score"  # the key every report carries: the task's metric on the validation split
+ATTR_RAY_TRIAL = "ray_trial_id"  # user attribute linking an Optuna trial to its Ray trial
+EXPERIMENT = "tune"  # experiment name under results/<task>/<study>/ray/
+# environment passed on to the trials (weights and caches are looked up on the worker)
+FORWARDED_ENV = ("AUTOFT_HOME", "AUTOFT_OFFLINE", "AUTOFT_CACHE_DIR", "AUTOFT_CACHE_MAX_GB", "TORCH_HOME", "HF_HOME",
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# folders among them: made absolute here, since a Ray worker runs in a working directory of its own
+PATH_ENV = ("AUTOFT_HOME", "AUTOFT_CACHE_DIR", "TORCH_HOME", "HF_HOME")
+
+# the sampler's grouped/multivariate TPE is marked experimental; we rely on it knowingly (as the Optuna engine)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# a trial resumed by Tuner.restore reports its first epochs again to OptunaSearch's study
+warnings.filterwarnings("ignore", message="The reported value is ignored because this")
+
+_WORKER_CACHE: FeatureCache | None = None  # one per Ray worker process, kept across reused trials
+
+
+def _worker_cache() -> FeatureCache:
+    global _WORKER_CACHE
+    if _WORKER_CACHE is None:
+        _WORKER_CACHE = FeatureCache()
+    return _WORKER_CACHE
+
+
+class DefineByRun:
+    """OptunaSearch's define-by-run function: asks the (captured) Optuna trial through the
+    engine-neutral space and returns the complete config (fixed values included).
+
+    A module-level class, so that Tune can pickle the searcher when it saves the experiment."""
+
+    def __init__(self, space, fixed: dict[str, Any]):
+        self.space, self.fixed = space, dict(fixed)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        return self.space.sample(trial, self.fixed).model_dump()
+
+
+class RayReporter:
+    """Adapts Ray Tune to the core's Reporter protocol: one ``ray.tune.report`` per epoch.
+
+    Ray's scheduler stops a trial by ending its worker; the core never has to be told."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.started = time.time()
+
+    def report(self, step: int, value: float, metrics: dict[str, float]) -> bool:
+        tune.report({METRIC: float(value), "epoch": int(step), "planned_epochs": self.epochs,
+                     "started": self.started, "elapsed": round(time.time() - self.started, 3),
+                     **{f"val_{k}": float(v) for k, v in metrics.items()}})
+        return False
+
+
+def trial_device(task_device: str) -> str:
+    """The device of this trial: the GPU Ray assigned to it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    import ray
+
+    if ray.get_gpu_ids():
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def trainable(config: dict, task_data: TaskData | None = None, threads: int = 1) -> None:
+    """One Ray Tune trial: fine-tune ``config`` and report the validation metric every epoch."""
+    import torch
+
+    # arrays from Ray's object store are read-only views (zero-copy); the core never writes to them
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    torch.set_num_threads(max(1, threads))
+    cfg = TrialConfig(**{k: v for k, v in config.items() if k in TrialConfig.model_fields})
+    data = dataclasses.replace(task_data, device=trial_device(task_data.device))
+    fine_tune_and_score(cfg, data, RayReporter(cfg.epochs), cache=_worker_cache())
+
+
+class TrialLog(tune.Callback):
+    """Logs each finished trial (the CLI shows INFO logs with -v)."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        log.info("ray trial %s finished after %s epoch(s): %s %.4f", trial.trial_id, r.get("epoch", "?"), METRIC,
+                 r.get(METRIC, float("nan")))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        log.info("ray trial %s failed", trial.trial_id)
+
+
+def make_scheduler(name: str | None, max_t: int, mode: str):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    name = name or "asha"
+    common = {"metric": METRIC, "mode": mode}
+    if name in ("asha", "successive_halving"):
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=1, reduction_factor=3,
+                             brackets=1, **common)
+    if name == "hyperband":  # asynchronous Hyperband: no trial is ever paused (no checkpoints needed)
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=1, reduction_factor=3,
+                             brackets=3, **common)
+    if name == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=1, min_samples_required=4, **common)
+    if name == "none":
+        return FIFOScheduler()
+    raise ConfigError(f"unknown pruner '{name}' for the ray backend; expected hyperband, median, "
+                      "successive_halving or none (default: ASHA)", field="pruner")
+
+
+def experiment_path(req: SearchRequest) -> Path:
+    return (req.study_dir / "ray").resolve() / EXPERIMENT
+
+
+def forwarded_env() -> dict[str, str]:
+    """The environment the trials need, with folders made absolute (relative to this process's cwd)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    for k in PATH_ENV:
+        if env.get(k) and env[k].strip().lower() not in ("off", "none", "0", "false", "no"):
+            env[k] = str(Path(env[k]).expanduser().resolve())
+    return env
+
+
+def _init_ray(address: str | None, req: SearchRequest) -> bool:
+    """Connect to ``address`` or start a local Ray sized to this machine. True if we started/connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = forwarded_env()
+    kwargs: dict[str, Any] = {"log_to_driver": log.isEnabledFor(logging.INFO), "configure_logging": True,
+                              "logging_level": logging.WARNING}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        import torch
+
+        n_cpus = os.cpu_count() or 1
+        log.info("starting a local Ray instance (%d CPUs)", n_cpus)
+        ray.init(num_cpus=n_cpus, num_gpus=torch.cuda.device_count(), include_dashboard=False, **kwargs)
+    return True
+
+
+def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: str | None = None,
+            cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
+            enqueue: list[dict] | None = None) -> optuna.Study:
+    """Run (or resume) the search on Ray Tune and return it as an Optuna study in ``req.storage_url``.
+
+    ``enqueue``: configurations (parameter name → value) to evaluate first, before the sampler.
+    """
+    if cpus_per_trial <= 0:
+        raise ConfigError(f"--cpus-per-trial must be above 0, got {cpus_per_trial}")
+    if gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial must be 0 or more, got {gpus_per_trial}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be at least 1, got {max_concurrent}")
+    if req.extend:
+        raise ConfigError("--extend is not supported with --backend ray; use a new --study-name")
+    task = req.task
+    if task.device.startswith("cuda") and gpus_per_trial == 0:
+        raise ConfigError(f"task '{task.name}' asks for device {task.device}: pass --gpus-per-trial "
+                          "(a fraction such as 0.5 shares a GPU between trials)", field="device")
+    task_data = task_data or task.prepare()
+
+    import ray
+
+    started = _init_ray(address, req)
+    try:
+        _check_resources(cpus_per_trial, gpus_per_trial, local=not address)
+        mode = "min" if task.direction == "minimize" else "max"
+        path = experiment_path(req)
+        resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+        fn = tune.with_resources(
+            tune.with_parameters(trainable, task_data=task_data, threads=max(1, int(round(cpus_per_trial)))),
+            resources)
+        if tune.Tuner.can_restore(path):
+            log.info("resuming the Ray Tune experiment in %s", path)
+            tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        else:
+            tuner = tune.Tuner(fn, tune_config=_tune_config(req, mode, max_concurrent, enqueue),
+                               run_config=_run_config(path))
+        tuner.fit()
+        study = to_optuna(req, path)
+    finally:
+        if started:
+            ray.shutdown()
+    return study
+
+
+def _check_resources(cpus: float, gpus: float, local: bool) -> None:
+    """Fail fast when no node can ever hold one trial (Tune would wait for it forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "no node"
+    msg = (f"no Ray node has {cpus:g} CPU(s) and {gpus:g} GPU(s) for one trial (nodes: {have}); "
+           "lower --cpus-per-trial / --gpus-per-trial")
+    if local:
+        raise ConfigError(msg)
+    log.warning("%s, or add such nodes: trials wait until one joins", msg)
+
+
+def _tune_config(req: SearchRequest, mode: str, max_concurrent: int | None, enqueue: list[dict] | None):
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True, group=True,
+                                         constant_liar=True)
+    search = OptunaSearch(space=DefineByRun(req.space, req.fixed), metric=METRIC, mode=mode, sampler=sampler,
+                          points_to_evaluate=list(enqueue or []) or None)
+    pruner = req.pruner if req.pruner is not None else "asha"  # the task file's pruner is for Optuna
+    scheduler = make_scheduler(pruner, max_epochs(req.space, req.task), mode)
+    return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=req.budget,
+                           max_concurrent_trials=max_concurrent, time_budget_s=req.timeout, reuse_actors=True)
+
+
+def _run_config(path: Path):
+    return tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=0), callbacks=[TrialLog()])
+
+
+# --------------------------------------------------------------------------------------------
+# Ray results → Optuna study
+def to_optuna(req: SearchRequest, path: Path) -> optuna.Study:
+    """Write every finished trial of the Ray experiment at ``path`` into the Optuna study of ``req``
+    (trials already there are skipped, so this is safe to repeat)."""
+    from autoft.engines.optuna_engine import create_study
+
+    study = create_study(req)
+    study.set_user_attr("engine", "ray")  # the sampler/pruner objects of this study did not run the search
+    have = {t.user_attrs.get(ATTR_RAY_TRIAL) for t in study.get_trials(deepcopy=False)}
+    analysis = tune.ExperimentAnalysis(str(path))
+    frames = analysis.trial_dataframes
+    frozen = [_frozen_trial(req, t, frames.get(t.trial_id)) for t in analysis.trials if t.trial_id not in have]
+    unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        log.warning("the Ray sweep was interrupted with %d trial(s) unfinished; run the same command again "
+                    "to resume it (%s)", len(unfinished), path)
+    elif len(analysis.trials) != req.budget and req.timeout is None:
+        log.warning("the Ray experiment in %s was created with a budget of %d trials (not %d); to run more, "
+                    "start a new sweep with another --study-name", path, len(analysis.trials), req.budget)
+    frozen = sorted((f for f in frozen if f is not None), key=lambda f: f.datetime_start)
+    for f in frozen:  # in the order the trials started
+        study.add_trial(f)
+    added = len(frozen)
+    log.info("added %d Ray trial(s) to study '%s'", added, req.study_name)
+    return study
+
+
+def _frozen_trial(req: SearchRequest, trial, df) -> optuna.trial.FrozenTrial | None:
+    status = trial.status
+    if status not in ("TERMINATED", "ERROR"):
+        return None  # pending or interrupted: Tuner.restore runs it when the sweep resumes
+    config = dict(trial.config)
+    cfg_doc = {k: v for k, v in config.items() if k in TrialConfig.model_fields}
+    try:
+        cfg_doc = TrialConfig(**cfg_doc).model_dump()  # canonical field order, as the Optuna engine writes it
+    except Exception:  # keep what Ray has; the trial failed on it anyway
+        pass
+    params, dists = _params_and_distributions(req, config)
+    rows = [] if df is None or df.empty or METRIC not in df.columns else \
+        df.dropna(subset=[METRIC]).to_dict("records")
+    intermediate = {int(r.get("epoch", r.get("training_iteration", i + 1))): float(r[METRIC])
+                    for i, r in enumerate(rows) if math.isfinite(float(r[METRIC]))}
+    last = rows[-1] if rows else {}
+    metric = req.task.metric
+    attrs = {ATTR_CONFIG: cfg_doc, ATTR_RAY_TRIAL: trial.trial_id, ATTR_EPOCHS: len(rows)}
+    if last:
+        attrs[ATTR_METRICS] = {k[4:]: float(v) for k, v in last.items() if k.startswith("val_")}
+        attrs[ATTR_HISTORY] = [float(r.get(f"val_{metric}", r[METRIC])) for r in rows]
+        attrs[ATTR_SECONDS] = round(float(last.get("elapsed", 0.0)), 3)
+    started = dt.datetime.fromtimestamp(float(rows[0]["started"])) if rows and "started" in rows[0] else None
+    completed = started + dt.timedelta(seconds=float(last.get("elapsed", 0.0))) if started else None
+    value = None
+    if status == "ERROR":
+        state = TrialState.FAIL
+        attrs[ATTR_FAIL] = _error_reason(trial)
+    elif not rows:
+        state = TrialState.FAIL
+        attrs[ATTR_FAIL] = "the trial ended without reporting a result"
+    elif int(last.get("epoch", 0)) < int(cfg_doc.get("epochs", last.get("planned_epochs", 0))):
+        state = TrialState.PRUNED  # the scheduler stopped it before its last epoch
+    else:
+        state = TrialState.COMPLETE
+        value = float(last[METRIC])
+    now = dt.datetime.now()
+    return optuna.trial.FrozenTrial(
+        number=0, trial_id=0, state=state, value=value, values=None,
+        datetime_start=started or now, datetime_complete=completed or now,
+        params=params, distributions=dists, user_attrs=attrs, system_attrs={},
+        intermediate_values=intermediate)
+
+
+def _params_and_distributions(req: SearchRequest, config: dict) -> tuple[dict, dict]:
+    """Replay the define-by-run space on the trial's values to recover Optuna params + distributions."""
+    fixed = optuna.trial.FixedTrial(config)
+    try:
+        req.space.sample(fixed, req.fixed)
+    except Exception as exc:  # a config outside today's space (edited space file): keep no params
+        log.warning("could not replay the search space on %s: %s", config, exc)
+        return {}, {}
+    return dict(fixed.params), dict(fixed.distributions)
+
+
+def _error_reason(trial) -> str:
+    err = None
+    try:
+        err = trial.get_pickled_error()
+    except Exception:  # unpicklable error: fall back to the text trace
+        pass
+    if err is not None:
+        cause = getattr(err, "cause", None) or err
+        return f"{type(cause).__name__}: {cause}"[:2000]
+    try:
+        text = trial.get_error() or ""
+    except Exception:
+        text = ""
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "the trial raised an error (no trace saved)")[:2000]

@@ -1,0 +1,135 @@
+"""The Ray Tune backend against a real Ray cluster started on loopback for this test only.
+
+The cluster runs with token authentication (RAY_AUTH_MODE=token and one random RAY_AUTH_TOKEN for
+the head and for the ``autoft`` client, nothing written to ~/.ray).  Teardown never calls
+``ray stop`` (it would stop every Ray cluster of the user): it ends exactly the processes of the
+head node this test started, found by its private temporary directory, and their children.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_processes(temp_dir: str) -> list:
+    """Processes of the head node rooted in ``temp_dir`` (GCS, raylet, agents, monitors) and their children."""
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_cluster(temp_dir: str) -> None:
+    procs = cluster_processes(temp_dir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A one-node Ray cluster (2 CPUs) on 127.0.0.1: yields (address, env for clients)."""
+    if shutil.which("ray") is None:
+        pytest.skip("the 'ray' command is not installed")
+    temp_dir = tempfile.mkdtemp(prefix="aftray", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    port = free_port()
+    cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+           "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            pytest.fail(f"ray start failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        assert cluster_processes(temp_dir), "ray start reported success but no process of the head node runs"
+        yield f"127.0.0.1:{port}", env
+    finally:
+        stop_cluster(temp_dir)
+        left = cluster_processes(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of the test's Ray head still run: {[p.pid for p in left]}"
+
+
+def autoft(args: list[str], env: dict, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "autoft.cli", *args], env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, f"autoft {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n" \
+                                f"{res.stderr[-6000:]}"
+    return res
+
+
+def test_ray_sweep_through_address(ray_cluster, tmp_path):
+    address, env = ray_cluster
+    results = tmp_path / "results"
+    args = ["search", "--task", "digits", "--backend", "ray", "--address", address, "--n-trials", "6",
+            "--results-dir", str(results), "--set", "epochs=3", "--set", "unfreeze=[0, 1]",
+            "--backbones", "resnet20", "--max-concurrent", "2", "--no-final-check"]
+    t0 = time.perf_counter()
+    autoft(args, env, tmp_path)
+    took = time.perf_counter() - t0
+
+    study_dir = results / "digits" / "default"
+    df = pd.read_csv(study_dir / "trials.csv")
+    assert len(df) == 6, df
+    assert set(df.state) <= {"complete", "pruned"}, df[["number", "state", "fail_reason"]]
+    done, pruned = df[df.state == "complete"], df[df.state == "pruned"]
+    assert len(done) >= 1 and len(pruned) >= 1, f"expected ASHA to stop some trials:\n{df[['state', 'epochs_run']]}"
+    assert (done.epochs_run == 3).all() and (pruned.epochs_run < 3).all()
+    assert done.score.between(0, 1).all() and done.score.max() > 0.5
+    assert (df.backbone == "resnet20").all() and set(df.unfreeze) <= {0, 1}
+    best = yaml.safe_load((study_dir / "best.yaml").read_text())
+    assert best["validation_score"] == pytest.approx(done.score.max())
+    assert best["config"]["backbone"] == "resnet20" and best["config"]["epochs"] == 3
+    assert (study_dir / "ray" / "tune").is_dir()  # the Tune experiment, for Tuner.restore
+
+    # the same command again restores the finished experiment and adds nothing
+    t1 = time.perf_counter()
+    autoft(args, env, tmp_path)
+    print(f"restore of the finished sweep: {time.perf_counter() - t1:.1f}s")
+    again = pd.read_csv(study_dir / "trials.csv")
+    assert len(again) == 6 and list(again.state) == list(df.state)
+    # `show` works on the converted study as on an Optuna one
+    shown = autoft(["show", "--task", "digits", "--results-dir", str(results)], env, tmp_path)
+    assert "6 trials" in shown.stdout
+    print(f"ray sweep of 6 trials through {address}: {took:.1f}s")
