@@ -181,9 +181,11 @@ def load_npz(path: Path, x_key: str = "x", y_key: str = "y") -> LabelledData:
     x, y = arrays[x_key], arrays[y_key]
     if x.ndim not in (3, 4):
         raise DataError(f"{path}: array '{x_key}' has shape {x.shape}; expected images (N, H, W) or (N, H, W, C)")
-    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+    if x.ndim == 3:
+        x = x[..., None]  # (N, H, W) grey → (N, H, W, 1)
+    elif x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
         x = np.transpose(x, (0, 2, 3, 1))  # NCHW → NHWC
-    x = _to_uint8_image(x) if x.ndim == 3 else np.stack([_to_uint8_image(i) for i in x])
+    x = _to_uint8_image(x)  # one scale for the whole array, not one per image
     if "class_names" in arrays.files:
         classes = [str(c) for c in arrays["class_names"]]
         labels = y.astype(np.int64)

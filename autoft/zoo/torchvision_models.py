@@ -66,8 +66,9 @@ def build(name: str, pretrained: bool = True) -> Backbone:
         width = net.fc.in_features
     elif name.startswith("convnext"):
         stages = _flatten_blocks(net.features)
-        # the classifier's LayerNorm2d belongs to the feature extractor
-        stages.append(net.classifier[0])
+        # the classifier's LayerNorm2d belongs to the feature extractor; torchvision applies it
+        # *after* global pooling (LN of the mean is not the mean of LN), so the last stage pools too
+        stages.append(nn.Sequential(net.avgpool, net.classifier[0]))
         width = net.classifier[2].in_features
     else:  # mobilenet_v3_*, efficientnet_*
         stages = _flatten_blocks(net.features)
