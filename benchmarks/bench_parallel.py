@@ -59,6 +59,12 @@ def measure(study, n: int, wall: float, path: str) -> dict:
             "trials_per_min": round(60 * len(done) / sec, 2), "mean_trial_s": round(mean, 2)}
 
 
+def fresh_feature_cache(work: Path, name: str) -> None:
+    """An empty frozen-prefix cache folder per run (inherited by workers and Ray trials), so that no
+    run reads features an earlier run computed."""
+    os.environ["AUTOFT_CACHE_DIR"] = str(work / "features" / name)
+
+
 def run_optuna(n: int, storage: str, work: Path) -> dict:
     from autoft.engines.optuna_engine import create_study
 
@@ -66,10 +72,11 @@ def run_optuna(n: int, storage: str, work: Path) -> dict:
     study = create_study(request(work, study_name, storage))
     for params in CONFIGS:
         study.enqueue_trial(params)
+    fresh_feature_cache(work, study_name)
     cmd = [sys.executable, "-m", "autoft.cli", "worker", *COMMON, "--storage", storage, "--study-name",
            study_name, "--n-trials", str(len(CONFIGS)), "--threads", "1"]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(cmd, cwd=work, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(n)]
     outs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - t0
@@ -84,6 +91,7 @@ def run_ray(n: int, work: Path) -> dict:
 
     study_name = f"bench-ray-{n}-{time.time_ns()}"
     req = request(work, study_name, None)
+    fresh_feature_cache(work, study_name)
     t0 = time.perf_counter()
     study = ray_search(req, cpus_per_trial=1, max_concurrent=n, enqueue=[dict(c) for c in CONFIGS])
     wall = time.perf_counter() - t0

@@ -241,3 +241,25 @@ def test_minilm_cached_and_uncached_agree(sms_task, feature_cache):
     assert cached.score == pytest.approx(uncached.score, abs=1e-5)
     assert cached.metrics["loss"] == pytest.approx(uncached.metrics["loss"], abs=1e-4)
     assert cached.history[0]["train_loss"] == pytest.approx(uncached.history[0]["train_loss"], abs=1e-4)
+
+
+# --- text batches bucketed by length -----------------------------------------------------------------
+
+def test_text_batches_cover_every_example_once_and_pad_little():
+    from autoft.core.train import epoch_batches
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 65, (1000,), generator=gen)
+    perm = torch.randperm(1000, generator=gen)
+    batches = epoch_batches(perm, 16, lengths, torch.Generator().manual_seed(1))
+    flat = torch.cat(batches)
+    assert sorted(flat.tolist()) == list(range(1000))  # each example exactly once
+    assert all(len(b) <= 16 for b in batches)
+    # padded tokens (to each batch's longest example) are far fewer than with plain shuffled batches
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    plain = sum(int(lengths[perm[i:i + 16]].max()) * len(perm[i:i + 16]) for i in range(0, 1000, 16))
+    assert padded < 0.7 * plain
+    # deterministic for a generator seed; images (no lengths) keep the shuffled order
+    again = epoch_batches(perm, 16, lengths, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    assert torch.equal(torch.cat(epoch_batches(perm, 16, None, gen)), perm)

@@ -56,10 +56,20 @@ def test_every_declared_parameter_within_bounds_and_conditions():
 
 
 def test_unfreeze_cap_and_text_space():
-    space = load_space(BUILTIN_SPACES / "text_minilm.yaml")
+    import yaml
+
+    from autoft.space import num_stages
+
+    path = BUILTIN_SPACES / "text_minilm.yaml"
+    cap = yaml.safe_load(path.read_text())["unfreeze"]["max"]
+    assert cap < num_stages("minilm")  # the cap really is below the backbone's range
+    space = load_space(path)
+    seen = set()
     for t, cfg in _sample_many(space, 30):
-        assert cfg.backbone == "minilm" and 0 <= cfg.unfreeze <= 3
-        assert t.distributions["unfreeze"].high == 3
+        assert cfg.backbone == "minilm" and 0 <= cfg.unfreeze <= cap
+        assert t.distributions["unfreeze"].high == cap
+        seen.add(cfg.unfreeze)
+    assert seen == set(range(cap + 1))
 
 
 def test_overrides_fix_values_and_replace_backbones():

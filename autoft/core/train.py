@@ -26,7 +26,7 @@ from autoft.core.reporter import NullReporter, Reporter
 from autoft.data.datasets import LabelledData
 from autoft.data.splits import Splits
 from autoft.errors import ConfigError, TrialFailed
-from autoft.zoo.base import index_state, state_to
+from autoft.zoo.base import State, cat_states, index_state, state_to
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,33 @@ def single_thread(enabled: bool = True):
                 torch.set_num_threads(_THREADS_STATE["saved"])
 
 
+def token_lengths(state: State) -> torch.Tensor | None:
+    """Tokens per example for text (``(ids, mask)`` inputs), None for images."""
+    if isinstance(state, tuple) and len(state) == 2 and state[1].dim() == 2:
+        return state[1].sum(1)
+    return None
+
+
+def epoch_batches(perm: torch.Tensor, batch_size: int, lengths: torch.Tensor | None,
+                  gen: torch.Generator, bucket: int = 32) -> list[torch.Tensor]:
+    """Mini-batches of the shuffled examples ``perm`` for one epoch.
+
+    Text (``lengths`` given): bucketed by length, as text training loops usually are: the shuffled
+    examples are cut into chunks of ``bucket`` batches, each chunk is sorted by token count and cut
+    into batches, and the batches are shuffled. A batch is then padded only to its own longest
+    example, which on short texts (SMS) cuts the work of a trainable transformer layer several
+    times. Deterministic for a seed, and the same whether or not the frozen prefix is cached."""
+    if lengths is None:
+        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    chunk = batch_size * bucket
+    batches: list[torch.Tensor] = []
+    for c in range(0, len(perm), chunk):
+        part = perm[c:c + chunk]
+        part = part[torch.argsort(lengths[part], stable=True)]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 def _indices(splits: Splits, names: tuple[str, ...] | str) -> torch.Tensor:
     names = (names,) if isinstance(names, str) else names
     return torch.from_numpy(np.sort(np.concatenate([getattr(splits, n) for n in names]))).long()
@@ -156,14 +183,22 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
     test_idx = _indices(task.splits, "test") if test else None
     pos = None  # dataset index -> row of ``feats`` (None: feats holds every example)
     if use_cache and split > 0:
-        # the prefix is computed only for the examples this run touches (not a few-shot task's test set)
-        rows = torch.unique(torch.cat([train_idx, eval_idx] + ([test_idx] if test else [])))
-        feats = cache.prefix(backbone, encoded, digest, split, device, rows=rows)
+        # the prefix is computed only for the examples this run touches (not a few-shot task's test
+        # set), in separate cache entries for the search's rows and the test rows: the final check
+        # on the test split then reuses what the search computed and adds only the test examples
+        parts = [torch.unique(torch.cat([train_idx, eval_idx]))]
+        if test:
+            extra = test_idx[~torch.isin(test_idx, parts[0])]
+            if len(extra):
+                parts.append(extra)
+        rows = torch.cat(parts)
+        feats = cat_states([cache.prefix(backbone, encoded, digest, split, device, rows=p) for p in parts])
         pos = torch.full((len(task.data),), -1, dtype=torch.long)
         pos[rows] = torch.arange(len(rows))
         start = split + 1 if split == backbone.num_stages else split
     else:
         feats, start = encoded, 0
+    lengths = token_lengths(encoded)
 
     torch.manual_seed(cfg.seed)
     head = build_head(backbone.feature_dim, task.data.num_classes, cfg)
@@ -191,8 +226,7 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
             model.train()
             perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
             loss_sum = 0.0
-            for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
-                b = perm[i:i + cfg.batch_size]
+            for step, b in enumerate(epoch_batches(perm, cfg.batch_size, lengths, gen)):
                 xb = state_to(trim_text(index_state(feats, b if pos is None else pos[b])), device)
                 yb = labels[b].to(device)
                 try:
