@@ -15,7 +15,9 @@ OUT = ROOT / "benchmarks" / "out"
 def setup(threads: int | None) -> None:
     """Offline assets (unless already set) and the number of intra-op threads."""
     assets = ROOT.parent / "shared" / "assets"
-    if "AUTOFT_HOME" not in os.environ and assets.is_dir():
+    if "AUTOFT_HOME" in os.environ:
+        os.environ["AUTOFT_HOME"] = str(Path(os.environ["AUTOFT_HOME"]).expanduser().resolve())
+    elif assets.is_dir():
         os.environ["AUTOFT_HOME"] = str(assets)
     os.environ.setdefault("AUTOFT_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
-os.environ.setdefault("AUTOFT_HOME", str(ROOT.parent / "shared" / "assets"))
+# absolute: workers run in a temporary folder
+os.environ["AUTOFT_HOME"] = str(Path(os.environ.get("AUTOFT_HOME") or ROOT.parent / "shared" / "assets").resolve())
 
 # everything but unfreeze, lr and batch_size is fixed; the 8 configurations vary those three
 FIXED = {"epochs": 3, "head": "linear", "optimizer": "adamw", "head_lr_mult": 10.0, "weight_decay": 1e-4,
@@ -53,6 +54,9 @@ def measure(study, n: int, wall: float, path: str) -> dict:
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not done:
+        reasons = {t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
+        raise RuntimeError(f"{path} with {n} worker(s): no trial completed; failures: {reasons}")
     sec = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     mean = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / len(done)
     return {"path": path, "workers": n, "trials": len(done), "span_s": round(sec, 2), "wall_s": round(wall, 2),
