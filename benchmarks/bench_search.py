@@ -270,7 +270,9 @@ def render(doc: dict) -> str:
           f"random run; space overrides {doc['overrides'] or 'none'}; task overrides {doc['task_overrides'] or 'none'} "
           f"(train {sizes['train']}, val {sizes['val']})", "",
           _util.md_table(table, list(table[0].keys())), "",
-          (f"Median speed-up over seeds: **{med:.1f}x** (a censored run counts at its cap: '≥' are lower bounds)"
+          (f"Median speed-up over the {sum(r.get('speedup') is not None for r in doc['runs'])} of {len(doc['runs'])} "
+           f"seeds where a run reached the target: **{med:.1f}x** (a censored run counts at its cap: '≥' are lower "
+           f"bounds; seeds where neither reached it are left out)"
            if med is not None else "Median speed-up: undetermined (no run reached the target)"), ""]
     return "\n".join(md)
 

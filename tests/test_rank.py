@@ -126,11 +126,17 @@ def test_prior_params_stay_in_the_space(digits_task):
     from autoft.rank import BackboneScore
     from autoft.task import load_task
 
-    req = build_request(load_task("sms-spam"))  # unfreeze capped at 3 by text_minilm.yaml
+    import yaml
+
+    from autoft.space import num_stages
+
+    req = build_request(load_task("sms-spam"))  # unfreeze capped by text_minilm.yaml
+    cap = yaml.safe_load(Path(req.space.file).read_text())["unfreeze"]["max"]
     scores = [BackboneScore("minilm", logme=0.1)]
     (params,) = prior_params(scores, RankPolicy(first_params={"unfreeze": "half", "lr": 1.0, "head": "linear"}),
                              req.space)
-    assert params == {"backbone": "minilm", "unfreeze": 3, "head": "linear"}  # lr 1.0 is outside the range
+    # half of minilm's stages, clipped to the space's cap; lr 1.0 is outside the range and left out
+    assert params == {"backbone": "minilm", "unfreeze": min(round(num_stages("minilm") / 2), cap), "head": "linear"}
     many = [BackboneScore("a", logme=1.0), BackboneScore("b", logme=0.2), BackboneScore("c", error="x")]
     policy = RankPolicy(enqueue=3, drop_below=0.5, first_params={})
     assert prior_params(many, policy, req.space) == [{"backbone": "a"}]
