@@ -27,7 +27,7 @@ import torch
 from autoft.data.datasets import LabelledData
 from autoft.data.encode import encode
 from autoft.zoo import get_backbone
-from autoft.zoo.base import Backbone, Preprocessing, State, cat_states, index_state, state_to
+from autoft.zoo.base import Backbone, Preprocessing, State, cat_states, index_state, state_to, text_mask
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,10 @@ def rows_digest(rows: torch.Tensor | None) -> str:
 
 def trim_text(state: State) -> State:
     """Drop padding columns that no example in this batch uses (exact under the attention mask)."""
-    if isinstance(state, tuple) and len(state) == 2 and state[1].dim() == 2:
-        longest = max(int(state[1].sum(1).max()), 1)
-        if longest < state[1].shape[1]:
+    mask = text_mask(state)
+    if mask is not None:
+        longest = max(int(mask.sum(1).max()), 1)
+        if longest < mask.shape[1]:
             return tuple(s[:, :longest] for s in state)
     return state
 
@@ -368,10 +369,11 @@ def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", b
     backbone.eval()
     n = len(state[0]) if isinstance(state, tuple) else len(state)
     order = None
-    if isinstance(state, tuple) and len(state) == 2 and state[1].dim() == 2:
+    mask = text_mask(state)
+    if mask is not None:
         # text: batch examples of similar length so that little padding is computed (exact: padding
         # is masked out of attention and pooling); the outputs are put back in dataset order below
-        order = torch.argsort(state[1].sum(1), stable=True)
+        order = torch.argsort(mask.sum(1), stable=True)
     parts = []
     for i in range(0, n, batch_size):
         xb = index_state(state, slice(i, i + batch_size) if order is None else order[i:i + batch_size])

@@ -26,7 +26,7 @@ from autoft.core.reporter import NullReporter, Reporter
 from autoft.data.datasets import LabelledData
 from autoft.data.splits import Splits
 from autoft.errors import ConfigError, TrialFailed
-from autoft.zoo.base import State, cat_states, index_state, state_to
+from autoft.zoo.base import State, cat_states, index_state, state_to, text_mask
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,8 @@ def single_thread(enabled: bool = True):
 
 def token_lengths(state: State) -> torch.Tensor | None:
     """Tokens per example for text (``(ids, mask)`` inputs), None for images."""
-    if isinstance(state, tuple) and len(state) == 2 and state[1].dim() == 2:
-        return state[1].sum(1)
-    return None
+    mask = text_mask(state)
+    return None if mask is None else mask.sum(1)
 
 
 def epoch_batches(perm: torch.Tensor, batch_size: int, lengths: torch.Tensor | None,
@@ -192,7 +191,8 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
             if len(extra):
                 parts.append(extra)
         rows = torch.cat(parts)
-        feats = cat_states([cache.prefix(backbone, encoded, digest, split, device, rows=p) for p in parts])
+        feats = [cache.prefix(backbone, encoded, digest, split, device, rows=p) for p in parts]
+        feats = feats[0] if len(feats) == 1 else cat_states(feats)  # no copy of the cached entry in a search
         pos = torch.full((len(task.data),), -1, dtype=torch.long)
         pos[rows] = torch.arange(len(rows))
         start = split + 1 if split == backbone.num_stages else split

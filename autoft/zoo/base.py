@@ -54,6 +54,13 @@ def cat_states(states: list[State]) -> State:
     return torch.cat(states)
 
 
+def text_mask(state: State) -> torch.Tensor | None:
+    """The attention mask of a text state (``(ids or hidden states, mask)``), None for images."""
+    if isinstance(state, tuple) and len(state) == 2 and state[1].dim() == 2:
+        return state[1]
+    return None
+
+
 def state_to(state: State, device) -> State:
     if isinstance(state, tuple):
         return tuple(s.to(device) for s in state)
