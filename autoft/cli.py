@@ -55,7 +55,7 @@ class ProgressView:
                                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
                                  transient=False, disable=not console.is_terminal and os.environ.get("AUTOFT_PROGRESS") != "1")
         self.task_id = self.progress.add_task("", total=total, completed=already)
-        self.console = console
+        self.console, self.total = console, total
 
     def __enter__(self):
         self.progress.__enter__()
@@ -72,11 +72,15 @@ class ProgressView:
         best = f"best {self.metric} {bt.value:.4f} (#{bt.number}, {bt.params.get('backbone', '')})" if bt else "no result yet"
         self.progress.update(self.task_id, completed=c["complete"] + c["pruned"] + c["fail"],
                              description=f"{c['complete']} complete · {c['pruned']} pruned · {c['fail']} failed · {best}")
-        if not self.progress.console.is_terminal:
+        if self.progress.disable:  # not a terminal (CI log, file, pipe): one plain line per trial
             state = trial.state.name.lower()
             val = f"{trial.value:.4f}" if trial.value is not None else "-"
-            log.info("trial %d %s (%s) · %s", trial.number, state, val,
-                     f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed; {best}")
+            epochs = len(trial.intermediate_values)
+            cfg = trial.user_attrs.get("config") or trial.params
+            self.console.print(f"trial {trial.number} {state} ({val}, {epochs} epoch{'s' if epochs != 1 else ''}, "
+                               f"{cfg.get('backbone', '?')} unfreeze {cfg.get('unfreeze', '?')}) · "
+                               f"{c['complete'] + c['pruned'] + c['fail']}/{self.total} done: {c['complete']} "
+                               f"complete, {c['pruned']} pruned, {c['fail']} failed · {best}", soft_wrap=True)
 
 
 def _print_table(console, df, title: str, max_rows: int = 20):
@@ -135,7 +139,8 @@ def cmd_search(args) -> int:
         from autoft.engines.optuna_engine import count_finished, create_study, run_study
 
         cache = FeatureCache()
-        already = count_finished(create_study(req))
+        study = create_study(req)
+        already = count_finished(study)
         total = req.budget + (already if req.extend else 0)
         if already:
             console.print(f"resuming: {already} finished trial(s) already in the study")
@@ -143,11 +148,10 @@ def cmd_search(args) -> int:
         interrupted = False
         with ProgressView(total, min(already, total), task.metric, task.direction, console) as view:
             try:
-                study = run_study(req, task_data=task_data, callbacks=[view], cache=cache,
-                                  rank=False if args.no_rank else None)
+                run_study(req, task_data=task_data, callbacks=[view], cache=cache,
+                          rank=False if args.no_rank else None, study=study)
             except KeyboardInterrupt:
                 interrupted = True
-                study = create_study(req)
         console.print(f"search took {time.perf_counter() - t0:.1f}s")
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)

@@ -46,7 +46,7 @@ def request(results: Path, study: str, storage: str | None):
 
     return build_request(load_task("digits"), overrides=parse_overrides([f"{k}={v}" for k, v in FIXED.items()]),
                          backbones=["resnet20"], study_name=study, results_dir=results, storage=storage,
-                         n_trials=len(CONFIGS), pruner="none")
+                         n_trials=len(CONFIGS), pruner="none", shared=True)
 
 
 def measure(study, n: int, wall: float, path: str) -> dict:

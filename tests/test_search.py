@@ -92,6 +92,8 @@ def test_cli_search_resumes_and_reports(tmp_path, capsys):
     assert main(args + ["--n-trials", "2"]) == 0
     out = capsys.readouterr().out
     assert "test (held out, scored once)" in out
+    # not a terminal: one plain progress line per trial instead of the live bar
+    assert "trial 0 complete (" in out and "1/2 done" in out and "trial 1 complete (" in out and "2/2 done" in out
     first = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
     assert main(args + ["--n-trials", "3"]) == 0  # same study, budget raised: one more trial
     assert "resuming: 2 finished trial(s)" in capsys.readouterr().out
@@ -112,3 +114,42 @@ def test_cli_bad_input_exit_code_2(tmp_path, capsys):
     assert main(["search", "--task", str(bad), "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "budget.n_trials" in err and "Traceback" not in err
+
+
+def _sampled(sampler, space, n: int = 24) -> list[dict]:
+    """Params of ``n`` trials of a study with Hyperband pruning and a deterministic objective."""
+    study = optuna.create_study(direction="maximize", sampler=sampler, study_name="same",  # Hyperband's brackets hash it
+                                pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=9, reduction_factor=3))
+
+    def objective(trial):
+        cfg = space.sample(trial, {"seed": 0, "epochs": 9})
+        x = -abs(math.log10(cfg.lr) + 2.5) - 0.01 * cfg.unfreeze + (0.2 if cfg.head == "mlp" else 0.0)
+        for step in range(1, 10):
+            trial.report(x + 0.05 * step, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return x + 0.45
+
+    study.optimize(objective, n_trials=n)
+    return [t.params for t in study.trials]
+
+
+def test_tpe_reading_once_per_trial_samples_what_optuna_tpe_samples():
+    # our TPESampler hands TPE the study instead of Hyperband's per-suggestion bracket view (to save
+    # a read of the whole study per suggestion); the values sampled must not change
+    from autoft.engines.optuna_engine import TPESampler
+
+    class Counting(TPESampler):
+        views = 0
+
+        def _study(self, study):
+            Counting.views += study is not TPESampler._study(study)
+            return TPESampler._study(study)
+
+    space = build_request(load_task("digits")).space
+    kw = dict(seed=3, n_startup_trials=8, multivariate=True, group=True)
+    ours = _sampled(Counting(**kw), space)
+    assert Counting.views > 24  # the bracket views were there, and replaced
+    theirs = _sampled(optuna.samplers.TPESampler(**kw), space)
+    assert len(ours) == 24 and ours == theirs
+    assert len({round(p["lr"], 12) for p in ours}) == 24  # really sampled (not one repeated value)

@@ -30,6 +30,7 @@ class SearchRequest:
     n_trials: int | None = None
     timeout: float | None = None
     n_jobs: int = 1
+    shared: bool = False  # other processes run trials of the same study (autoft worker)
     pruner: str | None = None
     extend: bool = False
     fixed: dict[str, Any] = field(default_factory=dict)  # values every trial gets (epochs, seed)

@@ -77,9 +77,31 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     url = postgres_driver(url)
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return _retrying(lambda: optuna.storages.RDBStorage(
+    storage = _retrying(lambda: optuna.storages.RDBStorage(
         url, heartbeat_interval=10, grace_period=30,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1), **kwargs))
+    if url.startswith("sqlite") and ":memory:" not in url:
+        _fast_sqlite(storage.engine)
+    return storage
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer; one fsync per checkpoint
+    cur.execute("PRAGMA synchronous=NORMAL")  # safe in WAL: a crashed process loses nothing committed
+    cur.close()
+
+
+def _fast_sqlite(engine) -> None:
+    """Write-ahead log for a SQLite study: every trial makes a few dozen small commits (parameters,
+    attributes, one report per epoch), and with SQLite's default rollback journal each one waits for
+    two fsyncs. WAL with synchronous=NORMAL keeps the database consistent when a process is killed
+    (only an OS crash or power loss can drop the last commits) and lets workers on the same machine
+    read while one writes. (WAL needs a local file system, as SQLite with several processes does anyway.)"""
+    import sqlalchemy
+
+    sqlalchemy.event.listen(engine, "connect", _sqlite_pragmas)
+    engine.dispose()  # connections opened while creating the schema are reopened with the pragmas
 
 
 def _retrying(fn, attempts: int = 8):
@@ -98,9 +120,35 @@ def _retrying(fn, attempts: int = 8):
             time.sleep(0.2 + random.random() * 0.5 * (i + 1))
 
 
+class TPESampler(optuna.samplers.TPESampler):
+    """Optuna's TPE, reading the study's trials once per trial instead of once per suggestion.
+
+    With the Hyperband pruner, Optuna gives the sampler a new per-bracket view of the study for every
+    suggestion. TPE reads trials through ``Study._get_trials``, which that view does not filter by
+    bracket, so the view only cost a fresh read of the whole study (~10 ms with SQLite, a dozen times
+    per trial) for the same list. Given the study itself, TPE samples the same values from the copy
+    Optuna keeps for the running trial (tests/test_search.py checks the two agree)."""
+
+    @staticmethod
+    def _study(study: optuna.Study) -> optuna.Study:
+        return getattr(study, "_study", study)  # Hyperband's bracket view keeps the study as ``_study``
+
+    def infer_relative_search_space(self, study, trial):
+        return super().infer_relative_search_space(self._study(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return super().sample_relative(self._study(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return super().sample_independent(self._study(study), trial, param_name, param_distribution)
+
+
 def create_study(req: SearchRequest, storage=None) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True,
-                                         group=True, constant_liar=True)  # threads or other workers may run trials
+    # constant liar (running trials count as bad ones) only when trials run side by side: it makes
+    # every suggestion re-read the study from storage instead of using the trial's cached copy
+    parallel = req.n_jobs > 1 or req.shared
+    sampler = TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True, group=True,
+                         constant_liar=parallel)
     pruner = make_pruner(req.pruner or req.task.pruner, max_epochs(req.space, req.task))
     storage = storage or make_storage(req.storage_url)
     return _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage, sampler=sampler,
@@ -128,12 +176,23 @@ def _retried_numbers(trials) -> set[int]:
     return out
 
 
-def counted_trials(study: optuna.Study) -> list:
+def counted_trials(study: optuna.Study, trials: list | None = None) -> list:
     """Finished trials that count toward the budget: interrupted trials that were retried do not."""
-    trials = study.get_trials(deepcopy=False)
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     retried = _retried_numbers(trials)
     return [t for t in trials if t.state in FINISHED and not t.user_attrs.get(ATTR_SURPLUS)
             and not (t.state == TrialState.FAIL and t.number in retried)]
+
+
+def _snapshot(study: optuna.Study, trial_number: int) -> list:
+    """The study's trials as read when trial ``trial_number`` was created (Optuna reads them once per
+    trial for the sampler), or a fresh read when that copy is not there. Such a snapshot holds every
+    trial created before ours (numbers are given in order), which is all :func:`claims_budget` needs."""
+    get = getattr(study, "_get_trials", None)
+    trials = get(deepcopy=False, use_cache=True) if get else None
+    if not trials or not any(t.number == trial_number for t in trials):
+        trials = study.get_trials(deepcopy=False)
+    return trials
 
 
 def claims_budget(study: optuna.Study, trial_number: int, budget: int) -> bool:
@@ -143,9 +202,9 @@ def claims_budget(study: optuna.Study, trial_number: int, budget: int) -> bool:
     their number.  Workers racing for the last slot thus agree on who runs it, and the study ends
     with exactly ``budget`` counted trials.
     """
-    trials = study.get_trials(deepcopy=False)
+    trials = _snapshot(study, trial_number)
     running = sorted(t.number for t in trials if t.state == TrialState.RUNNING and not t.user_attrs.get(ATTR_SURPLUS))
-    slot = len(counted_trials(study)) + (running.index(trial_number) if trial_number in running else len(running))
+    slot = len(counted_trials(study, trials)) + (running.index(trial_number) if trial_number in running else len(running))
     return slot < budget
 
 
@@ -248,15 +307,16 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
 
 
 def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callbacks: list | None = None,
-              cache: FeatureCache | None = None, rank=None) -> optuna.Study:
+              cache: FeatureCache | None = None, rank=None, study: optuna.Study | None = None) -> optuna.Study:
     """Run (or resume) the study until it has ``req.budget`` finished trials or the timeout passes.
 
     ``rank``: how a new study uses the backbone ranking (:class:`autoft.rank.RankPolicy`; None = the
-    default policy, False = no ranking)."""
+    default policy, False = no ranking). ``study``: the study of ``req`` if the caller already opened it
+    (:func:`create_study`), saving a second connection to the storage."""
     # Optuna logs every failed trial with a traceback; we record the reason and log one line instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     task_data = task_data or req.task.prepare()
-    study = create_study(req)
+    study = study or create_study(req)
     recover_interrupted(study)
     done = count_finished(study)
     budget = req.budget + (done if req.extend else 0)
@@ -269,9 +329,10 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
         from autoft.rank import RankPolicy, apply_ranking
 
         apply_ranking(study, req, task_data, cache, rank if isinstance(rank, RankPolicy) else RankPolicy())
-    # every worker stops once the study as a whole has its budget
-    stop = BudgetCallback(budget)
+    # with other workers, each one stops once the study as a whole has its budget (alone, n_trials
+    # already stops it there, and the check would cost a read of the whole study after every trial)
+    stop = [BudgetCallback(budget)] if req.n_jobs > 1 or req.shared else []
     study.optimize(make_objective(req, task_data, cache, budget), n_trials=remaining, timeout=req.timeout,
-                   n_jobs=req.n_jobs, catch=(Exception,), callbacks=[stop, log_failures, *(callbacks or [])],
+                   n_jobs=req.n_jobs, catch=(Exception,), callbacks=[*stop, log_failures, *(callbacks or [])],
                    gc_after_trial=False, show_progress_bar=False)
     return study

@@ -82,7 +82,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     req = build_request(task, space_path=args.space, overrides=parse_overrides(args.set),
                         backbones=args.backbones.split(",") if args.backbones else None,
                         study_name=args.study_name, results_dir=Path(args.results_dir), storage=args.storage,
-                        n_trials=args.n_trials, timeout=args.timeout, n_jobs=1, pruner=args.pruner)
+                        n_trials=args.n_trials, timeout=args.timeout, n_jobs=1, pruner=args.pruner,
+                        shared=True)
     # the trials keep the task's seed (req.fixed); only this worker's sampler gets a seed of its own
     req.task = task.model_copy(update={"seed": worker_seed(task.seed)})
     console = Console(highlight=False)
