@@ -153,3 +153,24 @@ def test_tpe_reading_once_per_trial_samples_what_optuna_tpe_samples():
     theirs = _sampled(optuna.samplers.TPESampler(**kw), space)
     assert len(ours) == 24 and ours == theirs
     assert len({round(p["lr"], 12) for p in ours}) == 24  # really sampled (not one repeated value)
+
+
+def test_first_pruning_waits_for_enough_training():
+    from autoft.engines.common import first_rung
+
+    assert first_rung(1437, 3) == 1  # digits: one epoch is ~1,400 examples
+    assert first_rung(200, 10) == 5  # few-shot: 5 epochs of 200 examples
+    assert first_rung(200, 4) == 2 and first_rung(200, 1) == 1  # never past half of the epochs, never 0
+    assert first_rung(0, 3) == 1
+
+
+def test_fewshot_search_prunes_no_trial_before_the_first_rung(tmp_path):
+    task = load_task("digits-fewshot")
+    req = build_request(task, overrides={"epochs": 4, "backbone": ["resnet20"], "unfreeze": 0, "lr": 1e-3},
+                        results_dir=tmp_path, n_trials=12)
+    study = run_study(req, cache=FeatureCache(disk=False), rank=False)
+    assert study.pruner._min_resource == 2  # 4 epochs of 200 examples: first decision after epoch 2
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") >= 1, states  # the pruner did act ...
+    assert all(len(t.intermediate_values) >= 2 for t in study.trials), \
+        [len(t.intermediate_values) for t in study.trials]  # ... but never after epoch 1

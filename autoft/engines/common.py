@@ -1,6 +1,7 @@
 """What every search engine shares: the search request, study locations, trial bookkeeping."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             val = float(val)
         out[k.strip()] = val
     return out
+
+
+MIN_EXAMPLES_BEFORE_PRUNING = 1000
+
+
+def first_rung(n_train: int, max_epochs: int) -> int:
+    """The first epoch after which a trial may be pruned: once it has trained on about
+    ``MIN_EXAMPLES_BEFORE_PRUNING`` examples, and at most half-way through its epochs.
+
+    One epoch for most tasks. On a few-shot task an epoch is a handful of optimizer steps (200
+    examples: 2-7 steps, still inside the warm-up), and the score after it ranks configurations at
+    random; pruning on it throws away good ones (digits-fewshot: 5 epochs of 10)."""
+    need = math.ceil(MIN_EXAMPLES_BEFORE_PRUNING / max(1, n_train))
+    return max(1, min(need, max_epochs // 2))
 
 
 def max_epochs(space: SearchSpace, task: Task) -> int:

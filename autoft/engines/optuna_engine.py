@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from autoft.core import FeatureCache, TaskData, fine_tune_and_score
 from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_SECONDS,
-                                   SearchRequest, max_epochs)
+                                   SearchRequest, first_rung, max_epochs)
 from autoft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,14 @@ class OptunaReporter:
         return False
 
 
-def make_pruner(name: str, max_resource: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, max_resource: int, first: int = 1) -> optuna.pruners.BasePruner:
+    """The study's pruner; ``first``: the first epoch after which it may prune (:func:`first_rung`)."""
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max_resource, reduction_factor=3)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"unknown pruner '{name}'; expected hyperband, median, successive_halving or none",
@@ -317,6 +318,8 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     task_data = task_data or req.task.prepare()
     study = study or create_study(req)
+    top = max_epochs(req.space, req.task)  # the first pruning decision waits for enough training
+    study.pruner = make_pruner(req.pruner or req.task.pruner, top, first_rung(len(task_data.splits.train), top))
     recover_interrupted(study)
     done = count_finished(study)
     budget = req.budget + (done if req.extend else 0)

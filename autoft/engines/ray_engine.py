@@ -35,7 +35,7 @@ from ray import tune
 
 from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
 from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_SECONDS,
-                                   SearchRequest, max_epochs)
+                                   SearchRequest, first_rung, max_epochs)
 from autoft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -129,19 +129,20 @@ class TrialLog(tune.Callback):
         log.info("ray trial %s failed", trial.trial_id)
 
 
-def make_scheduler(name: str | None, max_t: int, mode: str):
+def make_scheduler(name: str | None, max_t: int, mode: str, first: int = 1):
+    """Ray Tune scheduler for ``name``; ``first``: the first epoch at which it may stop a trial."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     name = name or "asha"
     common = {"metric": METRIC, "mode": mode}
     if name in ("asha", "successive_halving"):
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=1, reduction_factor=3,
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=first, reduction_factor=3,
                              brackets=1, **common)
     if name == "hyperband":  # asynchronous Hyperband: no trial is ever paused (no checkpoints needed)
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=1, reduction_factor=3,
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=first, reduction_factor=3,
                              brackets=3, **common)
     if name == "median":
-        return MedianStoppingRule(time_attr="training_iteration", grace_period=1, min_samples_required=4, **common)
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=first, min_samples_required=4, **common)
     if name == "none":
         return FIFOScheduler()
     raise ConfigError(f"unknown pruner '{name}' for the ray backend; expected hyperband, median, "
@@ -221,7 +222,8 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
             tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
-            tuner = tune.Tuner(fn, tune_config=_tune_config(req, mode, max_concurrent, enqueue),
+            tuner = tune.Tuner(fn, tune_config=_tune_config(req, mode, max_concurrent, enqueue,
+                                                            len(task_data.splits.train)),
                                run_config=_run_config(path))
         tuner.fit()
         study = to_optuna(req, path)
@@ -246,7 +248,8 @@ def _check_resources(cpus: float, gpus: float, local: bool) -> None:
     log.warning("%s, or add such nodes: trials wait until one joins", msg)
 
 
-def _tune_config(req: SearchRequest, mode: str, max_concurrent: int | None, enqueue: list[dict] | None):
+def _tune_config(req: SearchRequest, mode: str, max_concurrent: int | None, enqueue: list[dict] | None,
+                 n_train: int = 0):
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True, group=True,
@@ -254,7 +257,8 @@ def _tune_config(req: SearchRequest, mode: str, max_concurrent: int | None, enqu
     search = OptunaSearch(space=DefineByRun(req.space, req.fixed), metric=METRIC, mode=mode, sampler=sampler,
                           points_to_evaluate=list(enqueue or []) or None)
     pruner = req.pruner if req.pruner is not None else "asha"  # the task file's pruner is for Optuna
-    scheduler = make_scheduler(pruner, max_epochs(req.space, req.task), mode)
+    top = max_epochs(req.space, req.task)
+    scheduler = make_scheduler(pruner, top, mode, first_rung(n_train, top))
     return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=req.budget,
                            max_concurrent_trials=max_concurrent, time_budget_s=req.timeout, reuse_actors=True)
 
