@@ -77,10 +77,11 @@ class ProgressView:
             val = f"{trial.value:.4f}" if trial.value is not None else "-"
             epochs = len(trial.intermediate_values)
             cfg = trial.user_attrs.get("config") or trial.params
-            self.console.print(f"trial {trial.number} {state} ({val}, {epochs} epoch{'s' if epochs != 1 else ''}, "
-                               f"{cfg.get('backbone', '?')} unfreeze {cfg.get('unfreeze', '?')}) · "
-                               f"{c['complete'] + c['pruned'] + c['fail']}/{self.total} done: {c['complete']} "
-                               f"complete, {c['pruned']} pruned, {c['fail']} failed · {best}", soft_wrap=True)
+            self.console.print(f"trial {trial.number} {state}: {self.metric} {val} after {epochs} "
+                               f"epoch{'s' if epochs != 1 else ''} ({cfg.get('backbone', '?')}, unfreeze "
+                               f"{cfg.get('unfreeze', '?')} stages) · {c['complete'] + c['pruned'] + c['fail']}/"
+                               f"{self.total} done: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} "
+                               f"failed · {best}", soft_wrap=True)
 
 
 def _print_table(console, df, title: str, max_rows: int = 20):
@@ -139,7 +140,7 @@ def cmd_search(args) -> int:
         from autoft.engines.optuna_engine import count_finished, create_study, run_study
 
         cache = FeatureCache()
-        study = create_study(req)
+        study = create_study(req, n_train=len(task_data.splits.train))
         already = count_finished(study)
         total = req.budget + (already if req.extend else 0)
         if already:

@@ -144,13 +144,17 @@ class TPESampler(optuna.samplers.TPESampler):
         return super().sample_independent(self._study(study), trial, param_name, param_distribution)
 
 
-def create_study(req: SearchRequest, storage=None) -> optuna.Study:
+def create_study(req: SearchRequest, storage=None, n_train: int | None = None) -> optuna.Study:
+    """Open (or create) the study of ``req``. ``n_train``: training examples of the task, which set the
+    pruner's first decision (:func:`first_rung`); without it the pruner may act from epoch 1, which
+    matters only if this study object runs trials (:func:`run_study` passes it)."""
     # constant liar (running trials count as bad ones) only when trials run side by side: it makes
     # every suggestion re-read the study from storage instead of using the trial's cached copy
     parallel = req.n_jobs > 1 or req.shared
     sampler = TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True, group=True,
                          constant_liar=parallel)
-    pruner = make_pruner(req.pruner or req.task.pruner, max_epochs(req.space, req.task))
+    top = max_epochs(req.space, req.task)
+    pruner = make_pruner(req.pruner or req.task.pruner, top, 1 if n_train is None else first_rung(n_train, top))
     storage = storage or make_storage(req.storage_url)
     return _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage, sampler=sampler,
                                                  pruner=pruner, direction=req.task.direction, load_if_exists=True))
@@ -313,13 +317,11 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
 
     ``rank``: how a new study uses the backbone ranking (:class:`autoft.rank.RankPolicy`; None = the
     default policy, False = no ranking). ``study``: the study of ``req`` if the caller already opened it
-    (:func:`create_study`), saving a second connection to the storage."""
+    (``create_study(req, n_train=...)``), saving a second connection to the storage."""
     # Optuna logs every failed trial with a traceback; we record the reason and log one line instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     task_data = task_data or req.task.prepare()
-    study = study or create_study(req)
-    top = max_epochs(req.space, req.task)  # the first pruning decision waits for enough training
-    study.pruner = make_pruner(req.pruner or req.task.pruner, top, first_rung(len(task_data.splits.train), top))
+    study = study or create_study(req, n_train=len(task_data.splits.train))
     recover_interrupted(study)
     done = count_finished(study)
     budget = req.budget + (done if req.extend else 0)

@@ -249,7 +249,7 @@ def _check_resources(cpus: float, gpus: float, local: bool) -> None:
 
 
 def _tune_config(req: SearchRequest, mode: str, max_concurrent: int | None, enqueue: list[dict] | None,
-                 n_train: int = 0):
+                 n_train: int):
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True, group=True,
