@@ -8,9 +8,9 @@ head node this test started, found by its private temporary directory, and their
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,10 +25,8 @@ pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from net import free_ports  # noqa: E402
 
 
 def cluster_processes(temp_dir: str) -> list:
@@ -72,16 +70,23 @@ def ray_cluster():
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
-    port = free_port()
-    cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-           "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
-           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            pytest.fail(f"ray start failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        for attempt in range(3):
+            # distinct ports for every component; a port taken by another process between choosing it
+            # and Ray binding it fails `ray start`, so try again with fresh ones
+            port, *other = free_ports(7)
+            cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                   "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
+                   *(f"--{name}={p}" for name, p in zip(
+                       ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"], other))]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            if out.returncode == 0:
+                break
+            stop_cluster(temp_dir)
+            port_clash = re.search(r"used by other components|already in use", out.stdout + out.stderr, re.I)
+            if not port_clash or attempt == 2:
+                pytest.fail(f"ray start failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         assert cluster_processes(temp_dir), "ray start reported success but no process of the head node runs"
         yield f"127.0.0.1:{port}", env
     finally:
