@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -162,9 +162,10 @@ def rank_backbones(task: TaskData, backbones: list[str], cache: FeatureCache | N
 
 
 # -- use in the search ----------------------------------------------------------------------------
-# The first trial on each top-ranked backbone: a common fine-tuning recipe, TrialConfig's defaults
-# (AdamW, lr 1e-3, head learning rate 10x, linear head, batch 64) with the last half of the stages
-# unfrozen; parameters the recipe does not name are sampled.
+# The first trial on the best-ranked backbone when the search space declares no ``first_trials``: a
+# common fine-tuning recipe, TrialConfig's defaults (AdamW, lr 1e-3, head learning rate 10x, linear
+# head, batch 64) with the last half of the stages unfrozen; parameters the recipe does not name are
+# sampled.
 RECIPE = {"unfreeze": "half", **{k: TrialConfig.model_fields[k].default
                                  for k in ("lr", "head_lr_mult", "head", "optimizer", "batch_size")}}
 
@@ -173,15 +174,16 @@ RECIPE = {"unfreeze": "half", **{k: TrialConfig.model_fields[k].default
 class RankPolicy:
     """How the search uses the ranking (computed once, when a study starts).
 
-    ``enqueue``: the first trials of a new study run the ``enqueue`` best-ranked backbones, best first,
-    each with ``first_params`` (values outside the search space are left to the sampler; ``unfreeze:
-    half`` means half of that backbone's stages); 0 enqueues nothing.
+    ``enqueue``: the first trials of a new study run each recipe of ``first_trials`` on the ``enqueue``
+    best-ranked backbones, best first (values outside the search space are left to the sampler;
+    ``unfreeze: half`` means half of that backbone's stages); 0 enqueues nothing.
+    ``first_trials``: the recipes; None takes the search space's ``first_trials``, or :data:`RECIPE`.
     ``drop_below``: drop backbones whose LogME is more than this below the best (None keeps all).
     """
 
     enqueue: int = 1
     drop_below: float | None = None
-    first_params: dict | None = field(default_factory=lambda: dict(RECIPE))
+    first_trials: list[dict] | None = None
     methods: tuple[str, ...] = ("logme",)
 
     @property
@@ -209,21 +211,27 @@ def _fits(param, value, chosen: dict) -> bool:
 
 
 def prior_params(scores: list[BackboneScore], policy: RankPolicy, space) -> list[dict]:
-    """The parameter sets to enqueue first: one per top-ranked backbone, restricted to the space."""
+    """The parameter sets to enqueue first: each recipe on each top-ranked backbone (recipe by recipe),
+    restricted to the space; duplicates are dropped."""
     from autoft.space import num_stages
 
+    recipes = policy.first_trials
+    if recipes is None:
+        recipes = space.first_trials if space.first_trials is not None else [RECIPE]
     out = []
-    for b in kept_backbones(scores, policy.drop_below)[: policy.enqueue]:
-        params = {"backbone": b}
-        for name, value in (policy.first_params or {}).items():
-            if name == "unfreeze" and value == "half":
-                value = max(1, round(num_stages(b) / 2))
-                p = space.get("unfreeze")
-                if p is not None and p.kind in ("int", "float"):
-                    value = min(value, int(p.bounds(params)[1]))
-            if _fits(space.get(name), value, params):
-                params[name] = value
-        out.append(params)
+    for recipe in recipes:
+        for b in kept_backbones(scores, policy.drop_below)[: policy.enqueue]:
+            params = {"backbone": b}
+            for name, value in recipe.items():
+                if name == "unfreeze" and value == "half":
+                    value = max(1, round(num_stages(b) / 2))
+                    p = space.get("unfreeze")
+                    if p is not None and p.kind in ("int", "float"):
+                        value = min(value, int(p.bounds(params)[1]))
+                if _fits(space.get(name), value, params):
+                    params[name] = value
+            if params not in out:
+                out.append(params)
     return out
 
 
@@ -231,15 +239,20 @@ ATTR_RANKING = "ranking"
 
 
 def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: RankPolicy) -> list[BackboneScore]:
-    """Rank the space's backbones for a new study: record the ranking in the study (user attribute
-    ``ranking``), enqueue the first trials, and drop far-behind backbones from ``req.space`` if asked.
+    """Start a new study: rank the space's backbones (recorded in the study's user attribute
+    ``ranking``), enqueue the first trials (:func:`prior_params`; a one-backbone space gets them
+    without a ranking), and drop far-behind backbones from ``req.space`` if asked.
     A study that already has trials reuses its recorded ranking (same space on resume)."""
     backbones = req.space.backbones
     recorded = study.user_attrs.get(ATTR_RANKING)
     if recorded is not None:
         scores = [BackboneScore(**d) for d in recorded]
-    elif len(backbones) < 2 or not policy.enabled or study.get_trials(deepcopy=False):
-        return []  # nothing to rank, ranking off, or a study that started without it
+    elif not policy.enabled or study.get_trials(deepcopy=False):
+        return []  # ranking off, or a study that started without it
+    elif len(backbones) < 2:
+        for params in prior_params([BackboneScore(b) for b in backbones], policy, req.space):
+            study.enqueue_trial(params, skip_if_exists=True)
+        return []  # nothing to rank
     else:
         t0 = time.perf_counter()
         scores = rank_backbones(task_data, backbones, cache, methods=policy.methods)

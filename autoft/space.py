@@ -11,6 +11,10 @@ A space file maps parameter names (fields of :class:`~autoft.core.config.TrialCo
 ``unfreeze`` may use ``high: num_stages`` (the chosen backbone's stage count, capped by
 ``max: N``): its range is conditional on the backbone.  ``backbone`` is required.
 
+One key is not a parameter: ``first_trials``, a list of partial configurations (recipes) that a new
+study tries first, on the best-ranked backbone (see :mod:`autoft.rank`); ``unfreeze: half`` means
+half of that backbone's stages; parameters a recipe does not name are sampled.
+
 :meth:`SearchSpace.sample` is a define-by-run function over any Optuna-style trial (``suggest_*``),
 so the Optuna engine and Ray Tune's ``OptunaSearch`` use the same code.
 """
@@ -72,10 +76,14 @@ class Param:
         return trial.suggest_float(self.name, float(low), float(high), step=self.step, log=self.log)
 
 
+FIRST_TRIALS = "first_trials"
+
+
 @dataclass
 class SearchSpace:
     params: list[Param]
     file: str | None = None
+    first_trials: list[dict] | None = None  # recipes tried first; None: the built-in one (autoft.rank)
 
     @property
     def names(self) -> list[str]:
@@ -119,7 +127,7 @@ class SearchSpace:
         for name, v in overrides.items():
             if name not in self.names:
                 params.append(Param(name, "fixed", value=v))
-        space = SearchSpace(params, self.file)
+        space = SearchSpace(params, self.file, self.first_trials)
         space.validate()
         return space
 
@@ -158,19 +166,23 @@ class SearchSpace:
         return self
 
 
-def _check_name(name: str, file, field_prefix: str = "") -> None:
+def _check_name(name: str, file, fld: str | None = None) -> None:
     if name not in PARAMS:
         raise ConfigError(f"unknown parameter '{name}'{did_you_mean(name, PARAMS)}; parameters are: "
-                          f"{', '.join(PARAMS)}", file=file, field=name)
+                          f"{', '.join(PARAMS)}", file=file, field=fld or name)
 
 
 def parse_space(doc: dict, file: str | Path | None = None) -> SearchSpace:
     file = str(file) if file else None
     if "backbone" not in doc:
         raise ConfigError("a search space needs 'backbone' (a list of backbone names)", file=file, field="backbone")
+    doc = dict(doc)
+    first_trials = _parse_first_trials(doc.pop(FIRST_TRIALS), file) if FIRST_TRIALS in doc else None
     order = ["backbone"] + [k for k in doc if k != "backbone"]
     params = []
     for name in order:
+        if name not in PARAMS and did_you_mean(name, [FIRST_TRIALS]):
+            raise ConfigError(f"unknown key '{name}'{did_you_mean(name, [FIRST_TRIALS])}", file=file, field=name)
         _check_name(name, file)
         params.append(_parse_param(name, doc[name], file))
     names = [p.name for p in params]
@@ -179,7 +191,24 @@ def parse_space(doc: dict, file: str | Path | None = None) -> SearchSpace:
             if dep not in names[: names.index(p.name)]:
                 raise ConfigError(f"'when' refers to '{dep}', which is not declared before '{p.name}'",
                                   file=file, field=f"{p.name}.when")
-    return SearchSpace(params, file).validate()
+    return SearchSpace(params, file, first_trials).validate()
+
+
+def _parse_first_trials(spec: Any, file) -> list[dict]:
+    if not isinstance(spec, list) or not all(isinstance(r, dict) for r in spec):
+        raise ConfigError("first_trials must be a list of mappings (parameter: value), e.g. "
+                          "[{unfreeze: half, lr: 1.0e-3}]", file=file, field=FIRST_TRIALS)
+    for i, recipe in enumerate(spec):
+        for name, value in recipe.items():
+            fld = f"{FIRST_TRIALS}[{i}].{name}"
+            if name == "backbone":
+                raise ConfigError("a first trial takes its backbone from the ranking (the best-ranked first); "
+                                  "leave 'backbone' out", file=file, field=fld)
+            _check_name(name, file, fld)
+            if name == "unfreeze" and value == "half":
+                continue
+            _check_value(name, value, file, fld)
+    return [dict(r) for r in spec]
 
 
 def _parse_param(name: str, spec: Any, file) -> Param:

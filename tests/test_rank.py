@@ -133,24 +133,53 @@ def test_prior_params_stay_in_the_space(digits_task):
     req = build_request(load_task("sms-spam"))  # unfreeze capped by text_minilm.yaml
     cap = yaml.safe_load(Path(req.space.file).read_text())["unfreeze"]["max"]
     scores = [BackboneScore("minilm", logme=0.1)]
-    (params,) = prior_params(scores, RankPolicy(first_params={"unfreeze": "half", "lr": 1.0, "head": "linear"}),
+    (params,) = prior_params(scores, RankPolicy(first_trials=[{"unfreeze": "half", "lr": 1.0, "head": "linear"}]),
                              req.space)
     # half of minilm's stages, clipped to the space's cap; lr 1.0 is outside the range and left out
     assert params == {"backbone": "minilm", "unfreeze": min(round(num_stages("minilm") / 2), cap), "head": "linear"}
     many = [BackboneScore("a", logme=1.0), BackboneScore("b", logme=0.2), BackboneScore("c", error="x")]
-    policy = RankPolicy(enqueue=3, drop_below=0.5, first_params={})
+    policy = RankPolicy(enqueue=3, drop_below=0.5, first_trials=[{}])
     assert prior_params(many, policy, req.space) == [{"backbone": "a"}]
 
 
-def test_single_backbone_space_is_not_ranked(tmp_path):
-    """Nothing to rank: no time spent, nothing enqueued."""
+def test_single_backbone_space_is_not_ranked_but_gets_its_first_trial(tmp_path):
+    """Nothing to rank: no time spent on features, but the space's recipe still runs first."""
     import optuna
 
     from autoft.engines.common import build_request
+    from autoft.rank import ATTR_RANKING
+    from autoft.space import num_stages
     from autoft.task import load_task
 
     req = build_request(load_task("digits-fewshot"), backbones=["resnet20"], results_dir=tmp_path)
     study = optuna.create_study()
+    # task_data None: computing features would fail, so passing shows no ranking was attempted
     assert apply_ranking(study, req, None, FeatureCache(disk=False), RankPolicy()) == []
-    assert not study.trials
-    assert Path(tmp_path).exists()
+    assert ATTR_RANKING not in study.user_attrs
+    (waiting,) = study.get_trials(deepcopy=False)
+    fixed = waiting.system_attrs["fixed_params"]  # what enqueue_trial stored for the sampler
+    recipe = req.space.first_trials[0]
+    assert fixed["backbone"] == "resnet20"
+    assert fixed["unfreeze"] == round(num_stages("resnet20") / 2)
+    assert fixed["lr"] == recipe["lr"] and fixed["batch_size"] == recipe["batch_size"]
+    # off: nothing enqueued
+    study2 = optuna.create_study()
+    assert apply_ranking(study2, req, None, FeatureCache(disk=False), RankPolicy(enqueue=0)) == []
+    assert not study2.trials
+
+
+def test_first_trials_recipe_by_recipe_without_duplicates(digits_task):
+    from autoft.engines.common import build_request
+    from autoft.rank import BackboneScore
+    from autoft.task import load_task
+
+    req = build_request(load_task("digits"))
+    scores = [BackboneScore("resnet44", logme=0.5), BackboneScore("resnet20", logme=0.4)]
+    recipes = [{"unfreeze": 2, "lr": 3e-3}, {"unfreeze": 0}, {"unfreeze": 2, "lr": 3e-3}]
+    got = prior_params(scores, RankPolicy(enqueue=2, first_trials=recipes), req.space)
+    assert got == [{"backbone": "resnet44", "unfreeze": 2, "lr": 3e-3}, {"backbone": "resnet20", "unfreeze": 2, "lr": 3e-3},
+                   {"backbone": "resnet44", "unfreeze": 0}, {"backbone": "resnet20", "unfreeze": 0}]
+    # without an explicit list the space's own recipes are used
+    space_first = prior_params(scores, RankPolicy(), req.space)
+    assert len(space_first) == len(req.space.first_trials)
+    assert all(p["backbone"] == "resnet44" for p in space_first)

@@ -93,6 +93,13 @@ def test_overrides_fix_values_and_replace_backbones():
     ({"backbone": ["resnet20"], "lr": {"low": "fast", "high": 1}}, "lr.low", "must be a number"),
     ({"backbone": ["resnet20"], "dropout": {"low": 0, "high": 0.3, "when": {"head": "mlp"}}}, "dropout.when",
      "not declared before"),
+    ({"backbone": ["resnet20"], "first_trials": {"lr": 0.1}}, "first_trials", "list of mappings"),
+    ({"backbone": ["resnet20"], "first_trials": [{"lrr": 0.1}]}, "first_trials[0].lrr", "did you mean 'lr'"),
+    ({"backbone": ["resnet20"], "first_trials": [{}, {"lr": -1}]}, "first_trials[1].lr", "greater than 0"),
+    ({"backbone": ["resnet20"], "first_trials": [{"unfreeze": "most"}]}, "first_trials[0].unfreeze", "integer"),
+    ({"backbone": ["resnet20"], "first_trials": [{"backbone": "resnet20"}]}, "first_trials[0].backbone",
+     "from the ranking"),
+    ({"backbone": ["resnet20"], "first_trial": [{"lr": 0.1}]}, "first_trial", "did you mean 'first_trials'"),
 ])
 def test_malformed_space_names_field(doc, field, words):
     with pytest.raises(ConfigError) as ei:
@@ -100,3 +107,14 @@ def test_malformed_space_names_field(doc, field, words):
     msg = str(ei.value)
     assert ei.value.field == field and "space.yaml" in msg
     assert words in msg
+
+
+def test_first_trials_are_read_and_survive_overrides():
+    doc = {"backbone": ["resnet20", "resnet32"], "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+           "first_trials": [{"unfreeze": "half", "lr": 3e-3}, {"unfreeze": 0}]}
+    space = parse_space(doc, "space.yaml")
+    assert space.first_trials == [{"unfreeze": "half", "lr": 3e-3}, {"unfreeze": 0}]
+    assert "first_trials" not in space.names  # not a parameter: never sampled
+    assert space.with_overrides({"lr": 1e-3}).first_trials == space.first_trials
+    assert parse_space({"backbone": ["resnet20"]}).first_trials is None
+    assert load_space(BUILTIN_SPACES / "cifar_resnets.yaml").first_trials  # declares its own
