@@ -133,7 +133,8 @@ def cmd_search(args) -> int:
         from autoft.engines.ray_engine import run_ray
 
         study = run_ray(req, task_data=task_data, address=args.address, cpus_per_trial=args.cpus_per_trial,
-                        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent)
+                        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+                        rank=False if args.no_rank else None)
         cache = FeatureCache()
         interrupted = False  # Ray Tune handles Ctrl-C itself: it saves the experiment (same command resumes)
     else:
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--extend", action="store_true", help="add --n-trials more trials to a finished study")
     s.add_argument("--no-final-check", action="store_true", help="skip scoring the winner on the test split")
     s.add_argument("--no-rank", action="store_true",
-                   help="do not rank the backbones (LogME) and try the best-ranked one first")
+                   help="do not rank the backbones (LogME) nor start with the search space's first_trials")
     s.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
     s.add_argument("--address", help="ray: cluster address (auto or HOST:PORT); default starts a local Ray")
     s.add_argument("--cpus-per-trial", type=float, default=1.0)

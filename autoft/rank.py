@@ -238,28 +238,36 @@ def prior_params(scores: list[BackboneScore], policy: RankPolicy, space) -> list
 ATTR_RANKING = "ranking"
 
 
+def plan_first_trials(req, task_data: TaskData, cache: FeatureCache,
+                      policy: RankPolicy) -> tuple[list[BackboneScore], list[dict]]:
+    """For a new search: the ranking of the space's backbones (empty for a one-backbone space: nothing
+    to rank) and the parameter sets to run first (:func:`prior_params`)."""
+    backbones = req.space.backbones
+    if len(backbones) < 2:
+        return [], prior_params([BackboneScore(b) for b in backbones], policy, req.space)
+    t0 = time.perf_counter()
+    scores = rank_backbones(task_data, backbones, cache, methods=policy.methods)
+    log.info("ranked %d backbones in %.1fs: %s", len(scores), time.perf_counter() - t0,
+             ", ".join(f"{s.backbone} {s.logme:.3f}" if s.logme is not None else s.backbone for s in scores))
+    return scores, prior_params(scores, policy, req.space)
+
+
 def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: RankPolicy) -> list[BackboneScore]:
     """Start a new study: rank the space's backbones (recorded in the study's user attribute
-    ``ranking``), enqueue the first trials (:func:`prior_params`; a one-backbone space gets them
-    without a ranking), and drop far-behind backbones from ``req.space`` if asked.
-    A study that already has trials reuses its recorded ranking (same space on resume)."""
+    ``ranking``), enqueue the first trials (:func:`plan_first_trials`), and drop far-behind backbones
+    from ``req.space`` if asked.  A study that already has trials reuses its recorded ranking (same
+    space on resume)."""
     backbones = req.space.backbones
     recorded = study.user_attrs.get(ATTR_RANKING)
     if recorded is not None:
         scores = [BackboneScore(**d) for d in recorded]
     elif not policy.enabled or study.get_trials(deepcopy=False):
         return []  # ranking off, or a study that started without it
-    elif len(backbones) < 2:
-        for params in prior_params([BackboneScore(b) for b in backbones], policy, req.space):
-            study.enqueue_trial(params, skip_if_exists=True)
-        return []  # nothing to rank
     else:
-        t0 = time.perf_counter()
-        scores = rank_backbones(task_data, backbones, cache, methods=policy.methods)
-        study.set_user_attr(ATTR_RANKING, [s.to_dict() for s in scores])
-        log.info("ranked %d backbones in %.1fs: %s", len(scores), time.perf_counter() - t0,
-                 ", ".join(f"{s.backbone} {s.logme:.3f}" if s.logme is not None else s.backbone for s in scores))
-        for params in prior_params(scores, policy, req.space):
+        scores, first = plan_first_trials(req, task_data, cache, policy)
+        if scores:
+            study.set_user_attr(ATTR_RANKING, [s.to_dict() for s in scores])
+        for params in first:
             study.enqueue_trial(params, skip_if_exists=True)
     if policy.drop_below is None:
         return scores

@@ -123,6 +123,15 @@ def test_ray_sweep_through_address(ray_cluster, tmp_path):
     assert (done.epochs_run == 3).all() and (pruned.epochs_run < 3).all()
     assert done.score.between(0, 1).all() and done.score.max() > 0.5
     assert (df.backbone == "resnet20").all() and set(df.unfreeze) <= {0, 1}
+    # the sweep starts with the search space's first trial (its lr and batch; unfreeze is fixed by --set)
+    from autoft.space import load_space
+    from autoft.task import BUILTIN_SPACES
+
+    recipe = load_space(BUILTIN_SPACES / "cifar_resnets.yaml").first_trials[0]
+    recipe_rows = df[(df.cfg_lr == recipe["lr"]) & (df.cfg_batch_size == recipe["batch_size"])]
+    assert len(recipe_rows) == 1, df[["number", "cfg_lr", "cfg_batch_size"]]
+    # two trials start together (--max-concurrent 2): it is one of them
+    assert recipe_rows.datetime_start.iloc[0] <= sorted(df.datetime_start)[1], df[["number", "datetime_start"]]
     best = yaml.safe_load((study_dir / "best.yaml").read_text())
     assert best["validation_score"] == pytest.approx(done.score.max())
     assert best["config"]["backbone"] == "resnet20" and best["config"]["epochs"] == 3

@@ -187,10 +187,13 @@ def _init_ray(address: str | None, req: SearchRequest) -> bool:
 
 def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: str | None = None,
             cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
-            enqueue: list[dict] | None = None) -> optuna.Study:
+            enqueue: list[dict] | None = None, rank=None) -> optuna.Study:
     """Run (or resume) the search on Ray Tune and return it as an Optuna study in ``req.storage_url``.
 
-    ``enqueue``: configurations (parameter name → value) to evaluate first, before the sampler.
+    ``enqueue``: configurations (parameter name → value) to evaluate first, before the sampler; by
+    default a new experiment ranks the backbones on the driver and starts with the search space's
+    first trials, as the Optuna engine does (``rank``: a :class:`~autoft.rank.RankPolicy`, None for
+    the default, False for neither; ``drop_below`` is not applied here).
     """
     if cpus_per_trial <= 0:
         raise ConfigError(f"--cpus-per-trial must be above 0, got {cpus_per_trial}")
@@ -222,6 +225,14 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
             tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
+            if enqueue is None and rank is not False:
+                from autoft.core import FeatureCache
+                from autoft.rank import RankPolicy, plan_first_trials
+
+                policy = rank if isinstance(rank, RankPolicy) else RankPolicy()
+                if policy.enabled:
+                    _, enqueue = plan_first_trials(req, task_data, FeatureCache(), policy)
+                    log.info("first trials: %s", enqueue)
             tuner = tune.Tuner(fn, tune_config=_tune_config(req, mode, max_concurrent, enqueue,
                                                             len(task_data.splits.train)),
                                run_config=_run_config(path))
