@@ -181,8 +181,9 @@ def parse_space(doc: dict, file: str | Path | None = None) -> SearchSpace:
     order = ["backbone"] + [k for k in doc if k != "backbone"]
     params = []
     for name in order:
-        if name not in PARAMS and did_you_mean(name, [FIRST_TRIALS]):
-            raise ConfigError(f"unknown key '{name}'{did_you_mean(name, [FIRST_TRIALS])}", file=file, field=name)
+        hint = did_you_mean(name, [FIRST_TRIALS]) if name not in PARAMS else ""
+        if hint:
+            raise ConfigError(f"unknown key '{name}'{hint}", file=file, field=name)
         _check_name(name, file)
         params.append(_parse_param(name, doc[name], file))
     names = [p.name for p in params]
@@ -205,7 +206,10 @@ def _parse_first_trials(spec: Any, file) -> list[dict]:
                 raise ConfigError("a first trial takes its backbone from the ranking (the best-ranked first); "
                                   "leave 'backbone' out", file=file, field=fld)
             _check_name(name, file, fld)
-            if name == "unfreeze" and value == "half":
+            if name == "unfreeze":
+                if value != "half" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                    raise ConfigError(f"unfreeze must be an integer >= 0 or 'half', got {value!r}", file=file,
+                                      field=fld)
                 continue
             _check_value(name, value, file, fld)
     return [dict(r) for r in spec]

@@ -96,7 +96,8 @@ def test_overrides_fix_values_and_replace_backbones():
     ({"backbone": ["resnet20"], "first_trials": {"lr": 0.1}}, "first_trials", "list of mappings"),
     ({"backbone": ["resnet20"], "first_trials": [{"lrr": 0.1}]}, "first_trials[0].lrr", "did you mean 'lr'"),
     ({"backbone": ["resnet20"], "first_trials": [{}, {"lr": -1}]}, "first_trials[1].lr", "greater than 0"),
-    ({"backbone": ["resnet20"], "first_trials": [{"unfreeze": "most"}]}, "first_trials[0].unfreeze", "integer"),
+    ({"backbone": ["resnet20"], "first_trials": [{"unfreeze": "most"}]}, "first_trials[0].unfreeze",
+     "integer >= 0 or 'half'"),
     ({"backbone": ["resnet20"], "first_trials": [{"backbone": "resnet20"}]}, "first_trials[0].backbone",
      "from the ranking"),
     ({"backbone": ["resnet20"], "first_trial": [{"lr": 0.1}]}, "first_trial", "did you mean 'first_trials'"),
@@ -117,4 +118,8 @@ def test_first_trials_are_read_and_survive_overrides():
     assert "first_trials" not in space.names  # not a parameter: never sampled
     assert space.with_overrides({"lr": 1e-3}).first_trials == space.first_trials
     assert parse_space({"backbone": ["resnet20"]}).first_trials is None
+    from autoft.rank import BackboneScore, RankPolicy, prior_params
+
+    none_first = parse_space({"backbone": ["resnet20"], "first_trials": []})  # the sampler alone
+    assert none_first.first_trials == [] and prior_params([BackboneScore("resnet20")], RankPolicy(), none_first) == []
     assert load_space(BUILTIN_SPACES / "cifar_resnets.yaml").first_trials  # declares its own
