@@ -150,3 +150,30 @@ def test_unloadable_backbone_fails_that_trial_only(tmp_path, monkeypatch):
     assert by["resnet32"].state.name == "FAIL" and "WeightsError" in by["resnet32"].user_attrs["fail_reason"]
     assert "resnet32-d509ac18.th" in by["resnet32"].user_attrs["fail_reason"]
     assert by["resnet20"].state.name == "COMPLETE"
+
+
+def test_heartbeat_retry_is_not_taken_for_an_orphan_of_the_dead_worker(tmp_path):
+    """A heartbeat retry must not carry the dead worker's id: a worker starting while another one picks
+    the retry up (RUNNING, before it records itself) would otherwise fail it as the dead worker's."""
+    from autoft.engines.optuna_engine import ATTR_WORKER, make_storage, recover_interrupted
+
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    trial.set_user_attr(ATTR_WORKER, f"{__import__('socket').gethostname()}:{dead.pid}")
+    trial.set_user_attr("config", {"lr": trial.params["lr"]})
+    storage.heartbeat_interval, storage.grace_period = 1, 1  # stale after 1 s
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    retry = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == trial.number
+    assert ATTR_WORKER not in retry[0].user_attrs and retry[0].params == trial.params
+    # picked up by a worker (RUNNING) that has not recorded itself yet: a starting worker leaves it alone
+    picked = study.ask()
+    assert picked.number == retry[0].number
+    assert recover_interrupted(study) == []
+    assert study._storage.get_trial(picked._trial_id).state == optuna.trial.TrialState.RUNNING

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).parent))
 from pg import PostgresServer, find_bin_dir  # noqa: E402
 
-from autoft.engines.optuna_engine import ATTR_WORKER, counted_trials, make_storage, postgres_driver  # noqa: E402
+from autoft.engines.optuna_engine import (ATTR_RETRY_OF, ATTR_WORKER, RetryStaleTrial, counted_trials,  # noqa: E402
+                                          make_storage, postgres_driver)
 
 SEARCH = ["--task", "digits", "--backbones", "resnet20", "--set", "epochs=2", "--threads", "1"]
 
@@ -70,7 +71,7 @@ def check_budget(study: optuna.Study, budget: int) -> list:
 
 
 def test_three_workers_on_postgres(pg_url, tmp_path):
-    """3 workers share a PostgreSQL study; one is killed mid-trial: the heartbeat marks its trial failed,
+    """3 workers share a PostgreSQL study; one is killed mid-trial: its trial is marked failed (heartbeat or recovery),
     the trial is retried with the same configuration, and the study ends with exactly the budget."""
     study_name, budget = f"w3-{uuid.uuid4().hex[:8]}", 6
     extra = ["--set", "unfreeze=[1, 2]", "--results-dir", str(tmp_path / "results"), "--report"]
@@ -80,7 +81,7 @@ def test_three_workers_on_postgres(pg_url, tmp_path):
     # it runs the retry callback the workers configure too
     storage = optuna.storages.RDBStorage(
         postgres_driver(pg_url), heartbeat_interval=10, grace_period=20,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=1))
     t0 = time.perf_counter()
     procs = [start_worker(pg_url, study_name, budget, extra, log) for log in logs]
 
@@ -117,8 +118,15 @@ def test_three_workers_on_postgres(pg_url, tmp_path):
         wait_all([start_worker(pg_url, study_name, budget, extra, log)], [log])
     took = time.perf_counter() - t0
     counted = check_budget(study, budget)
-    retries = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == killed.number]
-    assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    # the retry is queued by whoever fails the stale trial first: a heartbeat check (Optuna's retry
+    # callback marks it with the system attr "failed_trial") or a worker's own recovery on start (user
+    # attr "retry_of"); exactly one of them may queue it
+    trials = study.get_trials(deepcopy=False)
+    retries = [t for t in trials if killed.number in (t.system_attrs.get("failed_trial"), t.user_attrs.get(ATTR_RETRY_OF))]
+    seen = [(t.number, t.state.name, t.system_attrs.get("failed_trial"), t.user_attrs.get(ATTR_RETRY_OF),
+             t.user_attrs.get(ATTR_WORKER)) for t in trials]
+    assert len(retries) == 1, f"trial {killed.number} was killed; trials (number, state, failed_trial, retry_of, worker): {seen}"
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED), seen
     failed = study._storage.get_trial(killed._trial_id)
     assert failed.state == TrialState.FAIL and failed.params
     assert retries[0].params == failed.params  # the same configuration ran again

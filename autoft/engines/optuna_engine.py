@@ -7,6 +7,7 @@ started again runs only what is missing.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -67,6 +68,20 @@ def postgres_driver(url: str) -> str:
     return url
 
 
+class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's heartbeat retry, without the dead run's bookkeeping in the queued copy.
+
+    Optuna copies every user attribute of the stale trial into its retry, including ``worker`` (the
+    dead process): until the worker that picks the retry up records itself, another worker starting
+    :func:`recover_interrupted` would take the retry for an orphan of that dead process and fail it."""
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
+                            if k not in (ATTR_WORKER, ATTR_FAIL, ATTR_INTERRUPTED)}
+        super().__call__(study, trial)
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: RDB (sqlite://, postgresql://, ...) with heartbeats, or a journal file."""
     if url.startswith(("journal:", "file:")) or url.endswith((".log", ".journal")):
@@ -80,7 +95,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     storage = _retrying(lambda: optuna.storages.RDBStorage(
         url, heartbeat_interval=10, grace_period=30,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1), **kwargs))
+        heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=1), **kwargs))
     if url.startswith("sqlite") and ":memory:" not in url:
         _fast_sqlite(storage.engine)
     return storage
