@@ -65,7 +65,7 @@ class ProgressView:
         self.progress.__exit__(*exc)
 
     def __call__(self, study, trial) -> None:
-        from autoft.results.tables import best_trial, state_counts
+        from autoft.results.tables import best_trial, state_counts, trial_origin
 
         c = state_counts(study.get_trials(deepcopy=False))
         bt = best_trial(study)
@@ -77,7 +77,9 @@ class ProgressView:
             val = f"{trial.value:.4f}" if trial.value is not None else "-"
             epochs = len(trial.intermediate_values)
             cfg = trial.user_attrs.get("config") or trial.params
-            self.console.print(f"trial {trial.number} {state}: {self.metric} {val} after {epochs} "
+            origin = trial_origin(trial)
+            note = {"sampler": "", "first trial": " (first trial: the search space's recipe)"}.get(origin, f" ({origin})")
+            self.console.print(f"trial {trial.number} {state}{note}: {self.metric} {val} after {epochs} "
                                f"epoch{'s' if epochs != 1 else ''} ({cfg.get('backbone', '?')}, unfreeze "
                                f"{cfg.get('unfreeze', '?')} stages) · {c['complete'] + c['pruned'] + c['fail']}/"
                                f"{self.total} done: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} "

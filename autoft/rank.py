@@ -27,6 +27,7 @@ import torch
 from autoft.core.cache import FeatureCache
 from autoft.core.config import TrialConfig
 from autoft.core.train import TaskData
+from autoft.engines.common import ATTR_FIRST_TRIAL
 from autoft.errors import AutoftError, ConfigError
 from autoft.zoo.base import Backbone
 
@@ -268,7 +269,7 @@ def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: 
         if scores:
             study.set_user_attr(ATTR_RANKING, [s.to_dict() for s in scores])
         for params in first:
-            study.enqueue_trial(params, skip_if_exists=True)
+            study.enqueue_trial(params, user_attrs={ATTR_FIRST_TRIAL: True}, skip_if_exists=True)
     if policy.drop_below is None:
         return scores
     kept = kept_backbones(scores, policy.drop_below)

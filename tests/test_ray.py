@@ -130,6 +130,7 @@ def test_ray_sweep_through_address(ray_cluster, tmp_path):
     recipe = load_space(BUILTIN_SPACES / "cifar_resnets.yaml").first_trials[0]
     recipe_rows = df[(df.cfg_lr == recipe["lr"]) & (df.cfg_batch_size == recipe["batch_size"])]
     assert len(recipe_rows) == 1, df[["number", "cfg_lr", "cfg_batch_size"]]
+    assert list(df.origin[df.origin != "sampler"]) == ["first trial"] and recipe_rows.origin.iloc[0] == "first trial"
     # two trials start together (--max-concurrent 2): it is one of them
     assert recipe_rows.datetime_start.iloc[0] <= sorted(df.datetime_start)[1], df[["number", "datetime_start"]]
     best = yaml.safe_load((study_dir / "best.yaml").read_text())

@@ -84,6 +84,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
     df = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
     assert df.fail_reason.fillna("").str.contains("WorkerDied").sum() == 1
+    assert list(df.origin[df.number == retries[0].number]) == [f"retry of #{killed[0]}"]
 
 
 def test_ctrl_c_is_graceful_and_resumable(tmp_path):

@@ -93,9 +93,12 @@ def test_cli_search_resumes_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test (held out, scored once)" in out
     # not a terminal: one plain progress line per trial instead of the live bar
-    assert "trial 0 complete: accuracy " in out and "1/2 done" in out and "trial 1 complete: accuracy " in out \
-        and "2/2 done" in out and "after 1 epoch (resnet20, unfreeze 0 stages)" in out
+    # trial 0 runs the search space's first_trials recipe, the next one the sampler's choice
+    assert "trial 0 complete (first trial: the search space's recipe): accuracy " in out and "1/2 done" in out \
+        and "trial 1 complete: accuracy " in out and "2/2 done" in out \
+        and "after 1 epoch (resnet20, unfreeze 0 stages)" in out
     first = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
+    assert list(first.origin) == ["first trial", "sampler"]
     assert main(args + ["--n-trials", "3"]) == 0  # same study, budget raised: one more trial
     assert "resuming: 2 finished trial(s)" in capsys.readouterr().out
     second = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")

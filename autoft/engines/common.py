@@ -17,6 +17,8 @@ ATTR_HISTORY = "history"
 ATTR_EPOCHS = "epochs_run"
 ATTR_SECONDS = "seconds"
 ATTR_FAIL = "fail_reason"
+ATTR_FIRST_TRIAL = "first_trial"  # True on a trial the search started with (a recipe of the space's first_trials)
+ATTR_RETRY_OF = "retry_of"  # number of the interrupted trial this one runs again
 
 
 @dataclass

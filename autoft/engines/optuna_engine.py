@@ -18,8 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autoft.core import FeatureCache, TaskData, fine_tune_and_score
-from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_SECONDS,
-                                   SearchRequest, first_rung, max_epochs)
+from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_RETRY_OF,
+                                   ATTR_SECONDS, SearchRequest, first_rung, max_epochs)
 from autoft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,6 @@ def create_study(req: SearchRequest, storage=None, n_train: int | None = None) -
 
 ATTR_WORKER = "worker"  # "host:pid" of the process running the trial
 ATTR_INTERRUPTED = "interrupted"  # the trial was cut short by Ctrl-C or a dead worker; it is retried
-ATTR_RETRY_OF = "retry_of"
 ATTR_SURPLUS = "surplus"  # started after the budget was already taken by other workers; never ran
 
 

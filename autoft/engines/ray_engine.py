@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 from ray import tune
 
 from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
-from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_SECONDS,
+from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_HISTORY, ATTR_METRICS,
+                                   ATTR_SECONDS,
                                    SearchRequest, first_rung, max_epochs)
 from autoft.errors import ConfigError
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 METRIC = "score"  # the key every report carries: the task's metric on the validation split
 ATTR_RAY_TRIAL = "ray_trial_id"  # user attribute linking an Optuna trial to its Ray trial
+ATTR_FIRST_TRIALS = "first_trials"  # study user attribute: the configurations a Ray sweep started with
 EXPERIMENT = "tune"  # experiment name under results/<task>/<study>/ray/
 # environment passed on to the trials (weights and caches are looked up on the worker)
 FORWARDED_ENV = ("AUTOFT_HOME", "AUTOFT_OFFLINE", "AUTOFT_CACHE_DIR", "AUTOFT_CACHE_MAX_GB", "TORCH_HOME", "HF_HOME",
@@ -225,14 +227,16 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
             tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
+            scores = []
             if enqueue is None and rank is not False:
                 from autoft.core import FeatureCache
                 from autoft.rank import RankPolicy, plan_first_trials
 
                 policy = rank if isinstance(rank, RankPolicy) else RankPolicy()
                 if policy.enabled:
-                    _, enqueue = plan_first_trials(req, task_data, FeatureCache(), policy)
+                    scores, enqueue = plan_first_trials(req, task_data, FeatureCache(), policy)
                     log.info("first trials: %s", enqueue)
+            _record_plan(req, scores, enqueue)
             tuner = tune.Tuner(fn, tune_config=_tune_config(req, mode, max_concurrent, enqueue,
                                                             len(task_data.splits.train)),
                                run_config=_run_config(path))
@@ -242,6 +246,21 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
         if started:
             ray.shutdown()
     return study
+
+
+def _record_plan(req: SearchRequest, scores: list, enqueue: list[dict] | None) -> None:
+    """Keep the ranking and the first trials of a new sweep in its Optuna study, as the Optuna engine
+    does: the report shows the ranking, and :func:`to_optuna` marks the trials that ran a recipe."""
+    if not scores and not enqueue:
+        return
+    from autoft.engines.optuna_engine import create_study
+    from autoft.rank import ATTR_RANKING
+
+    study = create_study(req)
+    if scores:
+        study.set_user_attr(ATTR_RANKING, [s.to_dict() for s in scores])
+    if enqueue:
+        study.set_user_attr(ATTR_FIRST_TRIALS, [dict(e) for e in enqueue])
 
 
 def _check_resources(cpus: float, gpus: float, local: bool) -> None:
@@ -291,7 +310,8 @@ def to_optuna(req: SearchRequest, path: Path) -> optuna.Study:
     have = {t.user_attrs.get(ATTR_RAY_TRIAL) for t in study.get_trials(deepcopy=False)}
     analysis = tune.ExperimentAnalysis(str(path))
     frames = analysis.trial_dataframes
-    frozen = [_frozen_trial(req, t, frames.get(t.trial_id)) for t in analysis.trials if t.trial_id not in have]
+    first = study.user_attrs.get(ATTR_FIRST_TRIALS) or []
+    frozen = [_frozen_trial(req, t, frames.get(t.trial_id), first) for t in analysis.trials if t.trial_id not in have]
     unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:
         log.warning("the Ray sweep was interrupted with %d trial(s) unfinished; run the same command again "
@@ -307,7 +327,7 @@ def to_optuna(req: SearchRequest, path: Path) -> optuna.Study:
     return study
 
 
-def _frozen_trial(req: SearchRequest, trial, df) -> optuna.trial.FrozenTrial | None:
+def _frozen_trial(req: SearchRequest, trial, df, first: list[dict] = ()) -> optuna.trial.FrozenTrial | None:
     status = trial.status
     if status not in ("TERMINATED", "ERROR"):
         return None  # pending or interrupted: Tuner.restore runs it when the sweep resumes
@@ -325,6 +345,8 @@ def _frozen_trial(req: SearchRequest, trial, df) -> optuna.trial.FrozenTrial | N
     last = rows[-1] if rows else {}
     metric = req.task.metric
     attrs = {ATTR_CONFIG: cfg_doc, ATTR_RAY_TRIAL: trial.trial_id, ATTR_EPOCHS: len(rows)}
+    if any(all(config.get(k) == v for k, v in e.items()) for e in first):
+        attrs[ATTR_FIRST_TRIAL] = True  # one of the configurations the sweep started with
     if last:
         attrs[ATTR_METRICS] = {k[4:]: float(v) for k, v in last.items() if k.startswith("val_")}
         attrs[ATTR_HISTORY] = [float(r.get(f"val_{metric}", r[METRIC])) for r in rows]

@@ -93,13 +93,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
                   f"{_redact(req.storage_url)} · budget {req.budget} trials (whole study) · "
                   f"torch threads {_threads()}")
     mine: list[int] = []
+    from autoft.results.tables import trial_origin
 
     def progress(study, trial) -> None:
         if trial.user_attrs.get("surplus"):
             return
         mine.append(trial.number)
         val = f"{trial.value:.4f}" if trial.value is not None else "-"
-        console.print(f"{me} · trial #{trial.number} {trial.state.name.lower()} ({val}) · study "
+        origin = trial_origin(trial)
+        console.print(f"{me} · trial #{trial.number} {trial.state.name.lower()} ({val})"
+                      f"{'' if origin == 'sampler' else ' · ' + origin} · study "
                       f"{count_finished(study)}/{req.budget}")
 
     t0 = time.perf_counter()

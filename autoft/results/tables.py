@@ -12,11 +12,21 @@ import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from autoft.engines.common import ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_METRICS, ATTR_SECONDS
+from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_METRICS, ATTR_RETRY_OF,
+                                   ATTR_SECONDS)
 
 # the documented columns of trials.csv, in order (config and metric columns follow)
 BASE_COLUMNS = ["number", "state", "score", "backbone", "unfreeze", "epochs_run", "seconds", "fail_reason",
-                "datetime_start"]
+                "datetime_start", "origin"]
+
+
+def trial_origin(t: FrozenTrial) -> str:
+    """Where the trial's configuration came from: ``sampler``, ``first trial`` (a recipe of the search
+    space's ``first_trials``, run before the sampler) or ``retry of #N`` (an interrupted trial run again)."""
+    retried = t.user_attrs.get(ATTR_RETRY_OF, t.system_attrs.get("failed_trial"))  # ours / Optuna's heartbeat retry
+    if retried is not None:
+        return f"retry of #{retried}"
+    return "first trial" if t.user_attrs.get(ATTR_FIRST_TRIAL) else "sampler"
 
 
 def trial_row(t: FrozenTrial) -> dict:
@@ -33,6 +43,7 @@ def trial_row(t: FrozenTrial) -> dict:
         "seconds": t.user_attrs.get(ATTR_SECONDS, t.duration.total_seconds() if t.duration else None),
         "fail_reason": t.user_attrs.get(ATTR_FAIL, "") if t.state == TrialState.FAIL else "",
         "datetime_start": t.datetime_start,
+        "origin": trial_origin(t),
     }
     for k, v in cfg.items():
         if k not in ("backbone", "unfreeze"):
