@@ -203,6 +203,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from autoft.engines.common import ATTR_RANKING
     from autoft.results.tables import leaderboard, state_counts, trials_table
 
     task, _ = _task_and_study(args)
@@ -213,7 +214,8 @@ def cmd_show(args) -> int:
     c = state_counts(trials)
     console.print(f"task {task.name} · study {study.study_name} · {len(trials)} trials: {c['complete']} complete, "
                   f"{c['pruned']} pruned, {c['fail']} failed")
-    _print_table(console, leaderboard(df, task.direction), f"Leaderboard ({task.metric}, validation)")
+    _print_table(console, leaderboard(df, task.direction, study.user_attrs.get(ATTR_RANKING)),
+                 f"Leaderboard ({task.metric}, validation)")
     if not df.empty:
         done = df[df.state == "complete"].sort_values("score", ascending=task.direction != "maximize")
         cols = [c for c in ["number", "score", "backbone", "unfreeze", "cfg_lr", "cfg_head", "cfg_optimizer",

@@ -27,7 +27,7 @@ import torch
 from autoft.core.cache import FeatureCache
 from autoft.core.config import TrialConfig
 from autoft.core.train import TaskData
-from autoft.engines.common import ATTR_FIRST_TRIAL
+from autoft.engines.common import ATTR_FIRST_TRIAL, ATTR_RANKING
 from autoft.errors import AutoftError, ConfigError
 from autoft.zoo.base import Backbone
 
@@ -236,9 +236,6 @@ def prior_params(scores: list[BackboneScore], policy: RankPolicy, space) -> list
     return out
 
 
-ATTR_RANKING = "ranking"
-
-
 def plan_first_trials(req, task_data: TaskData, cache: FeatureCache,
                       policy: RankPolicy) -> tuple[list[BackboneScore], list[dict]]:
     """For a new search: the ranking of the space's backbones (empty for a one-backbone space: nothing
@@ -258,7 +255,6 @@ def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: 
     ``ranking``), enqueue the first trials (:func:`plan_first_trials`), and drop far-behind backbones
     from ``req.space`` if asked.  A study that already has trials reuses its recorded ranking (same
     space on resume)."""
-    backbones = req.space.backbones
     recorded = study.user_attrs.get(ATTR_RANKING)
     if recorded is not None:
         scores = [BackboneScore(**d) for d in recorded]
@@ -272,6 +268,7 @@ def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: 
             study.enqueue_trial(params, user_attrs={ATTR_FIRST_TRIAL: True}, skip_if_exists=True)
     if policy.drop_below is None:
         return scores
+    backbones = req.space.backbones
     kept = kept_backbones(scores, policy.drop_below)
     if kept and set(kept) != set(backbones):
         log.info("ranking: searching %s (dropped %s: LogME more than %g below the best)", ", ".join(kept),

@@ -114,7 +114,20 @@ def test_search_tries_top_ranked_backbone_first(tmp_path, monkeypatch):
     assert first.params["backbone"] == ranking[0]["backbone"]
     half = round({"resnet20": 10, "resnet32": 16}[first.params["backbone"]] / 2)
     assert first.params["unfreeze"] == half and first.params["optimizer"] == "adamw"
-    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert first.state == optuna.trial.TrialState.COMPLETE and first.user_attrs["first_trial"]
+    # the report sets the ranking beside the fine-tuned results
+    import pandas as pd
+
+    from autoft.results import write_report
+
+    write_report(study, task, req.study_dir, plots=False)
+    lb = pd.read_csv(req.study_dir / "leaderboard.csv").set_index("backbone")
+    for place, r in enumerate(ranking, 1):
+        if r["backbone"] in lb.index:
+            assert lb.loc[r["backbone"], "logme"] == pytest.approx(r["logme"])
+            assert lb.loc[r["backbone"], "logme_rank"] == place
+    trials = pd.read_csv(req.study_dir / "trials.csv")
+    assert trials.origin.iloc[0] == "first trial" and (trials.origin.iloc[1:] == "sampler").all()
     # ranking off: nothing recorded, nothing enqueued
     req2 = build_request(task, overrides={"epochs": 1}, backbones=["resnet20", "resnet32"], study_name="norank",
                          results_dir=tmp_path / "results", n_trials=1)

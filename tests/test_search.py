@@ -77,6 +77,7 @@ def test_results_files_and_best_yaml_reruns_to_same_score(digits, cache, tmp_pat
     assert len(df) == 3 and set(df.state) <= {"complete", "pruned", "fail"}
     lb = pd.read_csv(folder / "leaderboard.csv")
     assert list(lb.backbone) == ["resnet20"] and lb.trials[0] == 3
+    assert "logme" not in lb.columns  # one backbone: nothing was ranked
     for png in ("history.png", "backbones.png", "learning_curves.png"):
         assert (folder / "plots" / png).stat().st_size > 1000
     best = yaml.safe_load((folder / "best.yaml").read_text())

@@ -19,6 +19,7 @@ ATTR_SECONDS = "seconds"
 ATTR_FAIL = "fail_reason"
 ATTR_FIRST_TRIAL = "first_trial"  # True on a trial the search started with (a recipe of the space's first_trials)
 ATTR_RETRY_OF = "retry_of"  # number of the interrupted trial this one runs again
+ATTR_RANKING = "ranking"  # study user attribute: the backbone ranking made before the search
 
 
 @dataclass

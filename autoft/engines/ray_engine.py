@@ -35,8 +35,7 @@ from ray import tune
 
 from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
 from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_HISTORY, ATTR_METRICS,
-                                   ATTR_SECONDS,
-                                   SearchRequest, first_rung, max_epochs)
+                                   ATTR_RANKING, ATTR_SECONDS, SearchRequest, first_rung, max_epochs)
 from autoft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -254,7 +253,6 @@ def _record_plan(req: SearchRequest, scores: list, enqueue: list[dict] | None) -
     if not scores and not enqueue:
         return
     from autoft.engines.optuna_engine import create_study
-    from autoft.rank import ATTR_RANKING
 
     study = create_study(req)
     if scores:

@@ -68,6 +68,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from autoft.engines.common import build_request, parse_overrides
     from autoft.engines.optuna_engine import count_finished, run_study, worker_id
     from autoft.errors import ConfigError
+    from autoft.results.tables import trial_origin
     from autoft.task import load_task
 
     if args.n_trials is not None and args.n_trials < 1:
@@ -93,7 +94,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
                   f"{_redact(req.storage_url)} · budget {req.budget} trials (whole study) · "
                   f"torch threads {_threads()}")
     mine: list[int] = []
-    from autoft.results.tables import trial_origin
 
     def progress(study, trial) -> None:
         if trial.user_attrs.get("surplus"):

@@ -1,8 +1,8 @@
 """Write everything a finished (or interrupted) study leaves in ``results/<task>/<study>/``.
 
 * ``trials.csv`` — one row per trial: number, state, score, backbone, unfreeze, epochs_run,
-  seconds, fail_reason, datetime_start, then ``cfg_*`` (the full config) and ``val_*`` (metrics);
-* ``leaderboard.csv`` — one row per backbone;
+  seconds, fail_reason, datetime_start, origin, then ``cfg_*`` (the full config) and ``val_*`` (metrics);
+* ``leaderboard.csv`` — one row per backbone (with its LogME score and rank when the study was ranked);
 * ``best.yaml`` — the winning configuration, its validation metrics and (after the final check)
   its test metrics;
 * ``plots/*.png`` — optimisation history, best score per backbone, learning curves, importances.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 
+from autoft.engines.common import ATTR_RANKING
 from autoft.results.plots import write_plots
 from autoft.results.tables import (atomic_path, best_document, best_trial, leaderboard, trials_table,
                                    write_yaml)
@@ -36,7 +37,7 @@ def write_report(study: optuna.Study, task, folder: Path, *, test_metrics: dict 
     df = trials_table(trials)
     rep = Report(folder)
     _write_csv(df, folder / "trials.csv")
-    lb = leaderboard(df, task.direction)
+    lb = leaderboard(df, task.direction, study.user_attrs.get(ATTR_RANKING))
     _write_csv(lb, folder / "leaderboard.csv")
     rep.files += [folder / "trials.csv", folder / "leaderboard.csv"]
     bt = best_trial(study)

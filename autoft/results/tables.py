@@ -61,8 +61,12 @@ def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
     return df[BASE_COLUMNS + [c for c in df.columns if c not in BASE_COLUMNS]]
 
 
-def leaderboard(df: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
-    """One row per backbone: trials by state, best and median score of completed trials."""
+def leaderboard(df: pd.DataFrame, direction: str = "maximize", ranking: list[dict] | None = None) -> pd.DataFrame:
+    """One row per backbone: trials by state, best and median score of completed trials.
+
+    ``ranking`` (the study's user attribute ``ranking``: the LogME ranking made before the search)
+    adds the columns ``logme`` and ``logme_rank`` (1 = ranked best), to set the advisory verdict
+    beside what fine-tuning found."""
     if df.empty:
         return pd.DataFrame(columns=["backbone", "trials", "complete", "pruned", "fail", "best_score",
                                      "median_score", "best_trial"])
@@ -79,6 +83,12 @@ def leaderboard(df: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
                      "best_trial": None if best is None else int(best.number),
                      "best_unfreeze": None if best is None else best.unfreeze})
     lb = pd.DataFrame(rows)
+    if ranking:
+        scored = sorted((r for r in ranking if r.get("logme") is not None), key=lambda r: -r["logme"])
+        logme = {r["backbone"]: r["logme"] for r in scored}
+        place = {r["backbone"]: i + 1 for i, r in enumerate(scored)}
+        lb["logme"] = [logme.get(b) for b in lb.backbone]
+        lb["logme_rank"] = pd.array([place.get(b) for b in lb.backbone], dtype="Int64")
     return lb.sort_values("best_score", ascending=direction != "maximize", na_position="last").reset_index(drop=True)
 
 
