@@ -16,9 +16,9 @@ log = logging.getLogger("autoft")
 # --------------------------------------------------------------------------------------------
 # helpers
 def _console():
-    from rich.console import Console
+    from autoft.console import make_console
 
-    return Console(stderr=False, highlight=False)
+    return make_console()
 
 
 def _task_and_study(args):
@@ -100,7 +100,9 @@ def _print_table(console, df, title: str, max_rows: int = 20):
 def _fmt(v) -> str:
     import math
 
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    import pandas as pd
+
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}".rstrip("0").rstrip(".")

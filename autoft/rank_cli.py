@@ -6,8 +6,9 @@ import time
 
 
 def cmd_rank(args) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from autoft.console import make_console
 
     from autoft.core import FeatureCache
     from autoft.engines.common import build_request
@@ -18,7 +19,7 @@ def cmd_rank(args) -> int:
     req = build_request(task, space_path=args.space,
                         backbones=args.backbones.split(",") if args.backbones else None)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    console = Console(highlight=False)
+    console = make_console()
     t0 = time.perf_counter()
     task_data = task.prepare()
     cache = FeatureCache(disk=False if args.no_disk_cache else None)

@@ -62,8 +62,7 @@ def worker_seed(task_seed: int) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from autoft.console import make_console
     from autoft.core import FeatureCache
     from autoft.engines.common import build_request, parse_overrides
     from autoft.engines.optuna_engine import count_finished, run_study, worker_id
@@ -87,7 +86,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         shared=True)
     # the trials keep the task's seed (req.fixed); only this worker's sampler gets a seed of its own
     req.task = task.model_copy(update={"seed": worker_seed(task.seed)})
-    console = Console(highlight=False)
+    console = make_console()
     me = worker_id()
     task_data = task.prepare()
     console.print(f"[bold]autoft worker[/] {me} · task [cyan]{task.name}[/] · study '{req.study_name}' in "

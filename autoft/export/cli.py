@@ -46,9 +46,9 @@ def add_parser(subparsers) -> None:
 
 
 def _console():
-    from rich.console import Console
+    from autoft.console import make_console
 
-    return Console(highlight=False)
+    return make_console()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -83,6 +83,8 @@ def leaderboard(df: pd.DataFrame, direction: str = "maximize", ranking: list[dic
                      "best_trial": None if best is None else int(best.number),
                      "best_unfreeze": None if best is None else best.unfreeze})
     lb = pd.DataFrame(rows)
+    for col in ("best_trial", "best_unfreeze"):  # integers, blank for a backbone with no completed trial
+        lb[col] = pd.array([None if pd.isna(v) else int(v) for v in lb[col]], dtype="Int64")
     if ranking:
         scored = sorted((r for r in ranking if r.get("logme") is not None), key=lambda r: -r["logme"])
         logme = {r["backbone"]: r["logme"] for r in scored}
