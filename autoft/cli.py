@@ -78,7 +78,7 @@ class ProgressView:
             epochs = len(trial.intermediate_values)
             cfg = trial.user_attrs.get("config") or trial.params
             origin = trial_origin(trial)
-            note = {"sampler": "", "first trial": " (first trial: the search space's recipe)"}.get(origin, f" ({origin})")
+            note = {"sampler": "", "first trial": " (first trial: a first_trials recipe of the search space)"}.get(origin, f" ({origin})")
             self.console.print(f"trial {trial.number} {state}{note}: {self.metric} {val} after {epochs} "
                                f"epoch{'s' if epochs != 1 else ''} ({cfg.get('backbone', '?')}, unfreeze "
                                f"{cfg.get('unfreeze', '?')} stages) · {c['complete'] + c['pruned'] + c['fail']}/"

@@ -9,7 +9,6 @@ def cmd_rank(args) -> int:
     from rich.table import Table
 
     from autoft.console import make_console
-
     from autoft.core import FeatureCache
     from autoft.engines.common import build_request
     from autoft.rank import rank_backbones

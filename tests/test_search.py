@@ -95,7 +95,7 @@ def test_cli_search_resumes_and_reports(tmp_path, capsys):
     assert "test (held out, scored once)" in out
     # not a terminal: one plain progress line per trial instead of the live bar
     # trial 0 runs the search space's first_trials recipe, the next one the sampler's choice
-    assert "trial 0 complete (first trial: the search space's recipe): accuracy " in out and "1/2 done" in out \
+    assert "trial 0 complete (first trial: a first_trials recipe of the search space): accuracy " in out and "1/2 done" in out \
         and "trial 1 complete: accuracy " in out and "2/2 done" in out \
         and "after 1 epoch (resnet20, unfreeze 0 stages)" in out
     first = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
