@@ -2,7 +2,8 @@
 
 A task file is YAML validated by :class:`Task`; every error names the file and the field.
 ``${VAR}`` in paths expands from the environment (``${AUTOFT_HOME}`` defaults to autoft's cache
-folder).  ``find_task(name_or_path)`` looks in ``./tasks/NAME.yaml``, then the built-in examples.
+folder).  ``find_task(name_or_path)`` looks in ``./tasks/NAME.yaml``, then the built-in tasks
+(``autoft/builtin/tasks``, shipped inside the package).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from autoft.core.metrics import ALL as METRICS
 from autoft.core.metrics import BINARY_ONLY, MINIMIZE
 from autoft.errors import ConfigError, did_you_mean
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_TASKS = REPO_ROOT / "examples" / "tasks"
-BUILTIN_SPACES = REPO_ROOT / "search_spaces"
+# built-in task files and search spaces are package data: found the same way from a wheel and a checkout
+BUILTIN = Path(__file__).resolve().parent / "builtin"
+BUILTIN_TASKS = BUILTIN / "tasks"
+BUILTIN_SPACES = BUILTIN / "search_spaces"
 PRUNERS = ("hyperband", "median", "successive_halving", "none")
 
 
@@ -61,7 +63,8 @@ class BudgetSpec(_Model):
 
 
 class Task(_Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    # a folder name under the results folder: no separators, and no leading dot ('.', '..', hidden)
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$", max_length=128)
     modality: Literal["image", "text"]
     data: DataSpec
     metric: str = "accuracy"
@@ -156,15 +159,28 @@ class Task(_Model):
                         max_length=self.data.max_length if self.modality == "text" else None)
 
 
-_VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_VAR = re.compile(r"\$\$|\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+# task files may read only these variables (a value lands in messages, reports and the export's card,
+# so a task file from elsewhere must not be able to pull arbitrary secrets out of the environment)
+ALLOWED_VARS = ("AUTOFT_HOME", "HOME", "TMPDIR", "USER", "XDG_CACHE_HOME", "XDG_DATA_HOME")
+ALLOWED_PREFIX = "AUTOFT_"
 
 
 def expand_vars(value: str, file: Path | None = None, field: str = "") -> str:
-    """Expand ``${VAR}``/``$VAR`` from the environment; relative paths are relative to the task file."""
+    """Expand ``${VAR}``/``$VAR`` from the environment; relative paths are relative to the task file.
+
+    Only :data:`ALLOWED_VARS` and names starting with ``AUTOFT_`` are expanded; ``$$`` is a literal
+    ``$``."""
     from autoft.home import autoft_home
 
     def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
         var = m.group(1) or m.group(2)
+        if var not in ALLOWED_VARS and not var.startswith(ALLOWED_PREFIX):
+            raise ConfigError(f"environment variable {var} in '{value}' is not one a task file may use: allowed are "
+                              f"{', '.join(ALLOWED_VARS)} and names starting with {ALLOWED_PREFIX} "
+                              "(write $$ for a literal $)", file=file, field=field)
         if var in os.environ:
             return os.environ[var]
         if var == "AUTOFT_HOME":
@@ -244,7 +260,7 @@ def find_task(name_or_path: str | Path) -> Path:
                 return folder / f"{name_or_path}{ext}"
     known = sorted({f.stem for d in (Path.cwd() / "tasks", BUILTIN_TASKS) if d.is_dir() for f in d.glob("*.y*ml")})
     raise ConfigError(f"no task named '{name_or_path}'{did_you_mean(str(name_or_path), known)}: looked for "
-                      f"{name_or_path}.yaml in ./tasks/ and in the built-in examples ({BUILTIN_TASKS}). "
+                      f"{name_or_path}.yaml in ./tasks/ and in the built-in tasks ({BUILTIN_TASKS}). "
                       f"Known tasks: {', '.join(known) or 'none'}")
 
 

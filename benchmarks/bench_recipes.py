@@ -1,6 +1,6 @@
 """First-trial recipes compared: validation score of fixed fine-tuning recipes over several seeds and splits.
 
-How the ``first_trials`` recipe of ``search_spaces/cifar_resnets.yaml`` was chosen (split seed 0) and
+How the ``first_trials`` recipe of ``autoft/builtin/search_spaces/cifar_resnets.yaml`` was chosen (split seed 0) and
 checked (split seeds 1 and 2, not used to choose it), and why ``text_minilm.yaml`` keeps the default
 (on sms-spam four recipes differ by less than the noise between seeds).  Each recipe runs on one
 backbone with half of its stages unfrozen (``--unfreeze`` to choose); every other parameter is

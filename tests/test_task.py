@@ -36,11 +36,39 @@ def test_unknown_task_suggests():
 
 
 def test_unset_variable_named(monkeypatch, tmp_path):
-    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
-    t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": "${NOPE_NOT_SET}/x.csv"}},
+    monkeypatch.delenv("AUTOFT_NOPE_NOT_SET", raising=False)
+    t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": "${AUTOFT_NOPE_NOT_SET}/x.csv"}},
                    tmp_path / "t.yaml")
-    with pytest.raises(ConfigError, match="NOPE_NOT_SET"):
+    with pytest.raises(ConfigError, match="AUTOFT_NOPE_NOT_SET.*not set"):
         t.data_path()
+
+
+@pytest.mark.parametrize("path", ["${AWS_SECRET_ACCESS_KEY}/x.csv", "$DATABASE_PASSWORD/x.csv"])
+def test_only_documented_variables_expand(monkeypatch, tmp_path, path):
+    """A task file from elsewhere cannot pull a secret out of the environment into messages and cards."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("DATABASE_PASSWORD", "s3cr3t")
+    t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": path}}, tmp_path / "t.yaml")
+    with pytest.raises(ConfigError, match="not one a task file may use") as ei:
+        t.data_path()
+    assert "s3cr3t" not in str(ei.value)
+
+
+def test_allowed_variables_and_literal_dollar(monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOFT_DATA", str(tmp_path / "d"))
+    t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": "${AUTOFT_DATA}/a$$b.csv"}},
+                   tmp_path / "t.yaml")
+    assert t.data_path() == tmp_path / "d" / "a$b.csv"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": "$HOME/x.csv"}}, tmp_path / "t.yaml")
+    assert t.data_path() == tmp_path / "home" / "x.csv"
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "../x", "/abs"])
+def test_task_name_cannot_leave_the_results_folder(name, tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        parse_task({**GOOD, "name": name}, tmp_path / "t.yaml")
+    assert ei.value.field == "name"
 
 
 @pytest.mark.parametrize("doc, field, words", [
