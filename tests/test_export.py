@@ -286,3 +286,31 @@ def test_export_input_errors(digits_export, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert main(["export", "--task", "digits", "--results-dir", str(root / "results"), "--trial", "99",
                  "--out", str(tmp_path / "b")]) == 2
+
+
+def test_text_export_tokenizer_files_must_be_listed_and_inside(sms_export, tmp_path):
+    from autoft.export.runtime import sha256_file
+
+    dst = tmp_path / "sms"
+    shutil.copytree(sms_export[3].folder, dst)
+    original = (dst / "manifest.json").read_text()
+    # an unlisted file in the tokenizer folder would change tokenization: refused, not just a warning
+    (dst / "tokenizer" / "added_tokens.json").write_text('{"free": 0}')
+    with pytest.raises(ExportError, match=r"tokenizer/added_tokens.json.*not listed in manifest.json"):
+        load_exported(dst)
+    (dst / "tokenizer" / "added_tokens.json").unlink()
+    manifest = json.loads(original)
+    del manifest["files"]["tokenizer/vocab.txt"]
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"tokenizer/vocab.txt.*not listed in manifest.json"):
+        load_exported(dst)
+    # a tokenizer outside the folder, even with every hash updated
+    shutil.copytree(dst / "tokenizer", tmp_path / "elsewhere")
+    pre = json.loads((dst / "preprocessing.json").read_text())
+    pre["tokenizer"] = "../elsewhere"
+    (dst / "preprocessing.json").write_text(json.dumps(pre))
+    manifest = json.loads(original)
+    manifest["files"]["preprocessing.json"]["sha256"] = sha256_file(dst / "preprocessing.json")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"\.\./elsewhere.*outside the folder"):
+        load_exported(dst)

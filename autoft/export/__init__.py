@@ -4,9 +4,12 @@
   configuration and seed and writes ``config.yaml``, ``classes.json``, ``preprocessing.json``
   (+ ``tokenizer/`` for text), ``metrics.json``, ``model.ts`` (TorchScript), ``model.onnx``,
   ``model.pt`` (state_dict), ``model.json``, a model card ``README.md`` and ``manifest.json``
-  (sha256 of every file).
+  (sha256 of every file).  An existing ``out`` folder is replaced only when it is exactly a previous
+  export (its manifest lists every file it holds), and only the files that export listed are deleted.
 * :func:`load_exported` (in :mod:`autoft.export.runtime`) loads such a folder with torch /
-  onnxruntime only — it never imports autoft's training code — and predicts.
+  onnxruntime only — it never imports autoft's training code — and predicts.  It first checks that
+  every file the export needs is listed in ``manifest.json``, matches its sha256 and lies inside the
+  folder; image files over ``max_image_pixels`` are refused before decoding.
 
 Both are imported lazily so that ``import autoft.export`` stays light.
 """

@@ -78,8 +78,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gather(model, args) -> tuple[list, list[str], list[str] | None]:
-    """Inputs of the command line → (items for the model, display names, true labels or None)."""
+def _gather(model, args, skipped: list | None = None) -> tuple[list, list[str], list[str] | None]:
+    """Inputs of the command line → (items for the model, display names, true labels or None).
+    Unreadable files in folders are skipped and appended to ``skipped`` as (file, reason)."""
     from autoft.errors import ExportError
     from autoft.export.runtime import read_table
 
@@ -103,7 +104,7 @@ def _gather(model, args) -> tuple[list, list[str], list[str] | None]:
                 names.append(raw if len(raw) <= 60 else raw[:57] + "...")
                 labels.append(None)
             continue
-        got, got_names = model.expand_inputs([raw])
+        got, got_names = model.expand_inputs([raw], skipped)
         items += got
         names += got_names
         if args.folder_labels:
@@ -120,7 +121,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     console = _console()
     model = load_exported(args.model, args.backend)
-    items, names, labels = _gather(model, args)
+    skipped: list[tuple[str, str]] = []
+    items, names, labels = _gather(model, args, skipped)
     preds = model.predict_items(items, names, args.batch_size)
     rows = preds.to_rows()
     if labels is not None:
@@ -160,4 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             console.print(f"... {len(rows) - args.max_rows} more rows (use --out FILE.csv for all)")
     if acc_line:
         console.print(acc_line)
+    if skipped:
+        console.print(f"skipped {len(skipped)} unreadable file(s): " + ", ".join(f for f, _ in skipped[:10])
+                      + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""), markup=False)
     return 0

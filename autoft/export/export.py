@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import shutil
 import tempfile
@@ -188,7 +189,9 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
 
     ``train_val`` refits on training + validation data (same epochs, seed and recipe).  ``study`` is
     a study name (loaded from ``results_dir`` / ``storage``) or an ``optuna.Study``.  An existing
-    export in ``out`` is replaced when ``overwrite``; any other non-empty folder is never touched.
+    export in ``out`` is replaced when ``overwrite``: a folder whose ``manifest.json`` (format
+    'autoft-export') lists exactly the files it holds.  Any other non-empty folder is never touched,
+    and only files the previous export listed are ever deleted.
     """
     t0 = time.perf_counter()
     bad = [f for f in formats if f not in FORMATS]
@@ -273,25 +276,107 @@ def rebuild_model(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _names(names, n: int = 10) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def previous_export(out: Path) -> set[str]:
+    """The files (relative names, ``manifest.json`` included) of the autoft export in the folder
+    ``out``, which may then be replaced; an :class:`ExportError` naming the folder and why when ``out``
+    is not exactly such an export: no manifest, a manifest that is not an autoft export's, files or
+    folders the manifest does not list (the export did not write them), or listed files missing."""
+    where = f"--out {out}"
+    path = out / MANIFEST
+    if not path.is_file() or path.is_symlink():
+        raise ExportError(f"{where} is not empty and holds no previous export (no {MANIFEST}); refusing to write "
+                          "into it (choose a new or empty folder)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{where} is not an autoft export: its {MANIFEST} cannot be read ({exc}); refusing to "
+                          "replace the folder (nothing was changed). Choose a new or empty folder.") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("files"), dict):
+        raise ExportError(f"{where} is not an autoft export: its {MANIFEST} is not an autoft export manifest "
+                          f"(format '{FORMAT}' with a 'files' map), so the folder belongs to something else; "
+                          "refusing to replace it (nothing was changed). Choose a new or empty folder.")
+    listed = {n for n in doc["files"] if isinstance(n, str)}
+    parents = {p.as_posix() for n in listed for p in Path(n).parents if p.as_posix() != "."}
+    present, foreign = set(), []
+    for dirpath, dirnames, filenames in os.walk(out):  # links are not followed
+        base = Path(dirpath)
+        for d in dirnames:
+            rel = (base / d).relative_to(out).as_posix()
+            if (base / d).is_symlink() or (rel not in parents and not any((base / d).iterdir())):
+                foreign.append(rel)  # a link, or an empty folder the export did not make
+        for f in filenames:
+            rel = (base / f).relative_to(out).as_posix()
+            if rel == MANIFEST:
+                continue
+            if rel in listed and (base / f).is_file() and not (base / f).is_symlink():
+                present.add(rel)
+            else:
+                foreign.append(rel)
+    if foreign:
+        raise ExportError(f"{where} is not (only) an autoft export: it holds files the previous export did not "
+                          f"write: {_names(sorted(foreign))}; refusing to replace it (nothing was changed). Move "
+                          "them elsewhere, or choose a new or empty folder.")
+    missing = sorted(listed - present)  # names outside the folder ('../x', '/x') are never 'present'
+    if missing:
+        raise ExportError(f"{where} is not an intact autoft export: file(s) its {MANIFEST} lists are missing: "
+                          f"{_names(missing)}; refusing to replace it (nothing was changed). Delete the folder "
+                          "yourself, or choose a new or empty folder.")
+    return present | {MANIFEST}
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise ExportError(f"--out {out} is not empty and holds no previous export; refusing to write into it "
-                              "(choose a new or empty folder)")
+        previous_export(out)
         if not overwrite:
             raise ExportError(f"{out} already holds an export (pass overwrite=True to replace it)")
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    old = None
+    """Move the new export ``tmp`` to ``out``; a previous export there is checked again (the refit took
+    a while) and then only the files its manifest listed are deleted."""
+    old, listed = None, set()
     if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"--out {out} is a file; give a folder")
+        if any(out.iterdir()):
+            listed = previous_export(out)
         old = out.with_name(f".{out.name}.old-{int(time.time() * 1000)}")
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_export(old, listed)
+
+
+def _remove_export(folder: Path, files: set[str]) -> None:
+    """Delete ``files`` (relative names) and then the folders they leave empty; anything else stays."""
+    for name in sorted(files):
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not delete %s of the previous export: %s", folder / name, exc)
+    dirs = sorted({folder / p for n in files for p in Path(n).parents if p.as_posix() != "."} | {folder},
+                  key=lambda d: len(d.parts), reverse=True)
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    if folder.exists():
+        log.warning("kept %s: it holds files the previous export did not write", folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,6 +618,18 @@ def _version(pkg: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
+_MD_SPECIAL = str.maketrans({"|": r"\|", "`": r"\`", "<": "&lt;", ">": "&gt;"})
+
+
+def _md(value) -> str:
+    """A user string (class name, task description, backbone, ...) as one line of Markdown that shows
+    it as written: backslashes and control characters escaped (a newline becomes ``\\n``), ``|`` and
+    backticks escaped, ``<`` / ``>`` as entities, so that it can break neither a line nor a table."""
+    s = str(value).replace("\\", "\\\\")
+    s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return s.translate(_MD_SPECIAL)
+
+
 def _f(v) -> str:
     if v is None:
         return "-"
@@ -558,15 +655,16 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
     s = info["search"]
     bb = info["backbone"]
     counts = np.bincount(td.data.labels, minlength=td.data.num_classes)
-    classes = ", ".join(f"{c} ({n})" for c, n in zip(td.data.class_names, counts))
-    recipe = [("backbone", cfg.backbone), ("unfreeze", f"last {cfg.unfreeze} of {bb['num_stages']} stages"
+    classes = ", ".join(f"{_md(c)} ({n})" for c, n in zip(td.data.class_names, counts))
+    # every string a user or a data set chose goes through _md: it can break neither a line nor a table
+    recipe = [("backbone", _md(cfg.backbone)), ("unfreeze", f"last {cfg.unfreeze} of {bb['num_stages']} stages"
                                             + (" (head only)" if cfg.unfreeze == 0 else "")),
               ("head", cfg.head if cfg.head == "linear" else
-               f"mlp, {cfg.head_depth} x {cfg.head_width} {cfg.activation}, dropout {cfg.dropout:g}"),
-              ("optimizer", cfg.optimizer + (f" (momentum {cfg.momentum:g})" if cfg.optimizer == "sgd" else "")),
+               f"mlp, {cfg.head_depth} x {cfg.head_width} {_md(cfg.activation)}, dropout {cfg.dropout:g}"),
+              ("optimizer", _md(cfg.optimizer) + (f" (momentum {cfg.momentum:g})" if cfg.optimizer == "sgd" else "")),
               ("learning rate", f"{cfg.lr:.3g} (backbone), {cfg.head_lr:.3g} (head)"),
               ("weight decay", f"{cfg.weight_decay:.3g}"), ("batch size", cfg.batch_size),
-              ("epochs", cfg.epochs), ("schedule", f"{cfg.schedule}, warmup {cfg.warmup:.3g}"),
+              ("epochs", cfg.epochs), ("schedule", f"{_md(cfg.schedule)}, warmup {cfg.warmup:.3g}"),
               ("label smoothing", f"{cfg.label_smoothing:.3g}"), ("seed", cfg.seed)]
     val, test = metrics["validation"], metrics["test"] or {}
     names = [m for m in (td.metric, "accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_pos",
@@ -576,24 +674,25 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
     files = info["files"]
     ver = info["verification"]
     fmt = ", ".join(k for k in ("torchscript", "onnx") if files.get(k))
-    errs = "".join(f"\n- {k} export failed: {v}" for k, v in info.get("export_errors", {}).items())
+    errs = "".join(f"\n- {k} export failed: {_md(v)}" for k, v in info.get("export_errors", {}).items())
     pre = td.data.modality
     example = ("autoft predict --model DIR texts.csv --text-column text" if pre == "text"
                else "autoft predict --model DIR image.png folder/ --out predictions.csv")
     py_in = '["free entry to win a prize", "see you at 6"]' if pre == "text" else '["image.png"]'
     lines = [
-        f"# {task.name}: {cfg.backbone} fine-tuned by autoft",
+        f"# {_md(task.name)}: {_md(cfg.backbone)} fine-tuned by autoft",
         "",
-        (task.description or f"{pre} classification") + f" — exported from study '{s['study']}', trial #{ft.number}, "
+        _md(task.description or f"{pre} classification") + f" — exported from study '{_md(s['study'])}', "
+        f"trial #{ft.number}, "
         f"on {info['created']}.",
         "",
         "## Task and data",
         "",
         f"- modality: {pre}; {td.data.num_classes} classes: {classes}",
-        f"- data: {td.data.source or task.data.source} — {len(td.data)} examples; split train {sizes['train']}, "
+        f"- data: {_md(td.data.source or task.data.source)} — {len(td.data)} examples; split train {sizes['train']}, "
         f"validation {sizes['val']}, test {sizes['test']} (stratified, seed {task.split.seed})",
         f"- metric: {td.metric} ({td.direction})"
-        + (f", positive class '{metrics['positive_class']}'" if metrics.get("positive_class") else ""),
+        + (f", positive class '{_md(metrics['positive_class'])}'" if metrics.get("positive_class") else ""),
         "",
         "## Model",
         "",
@@ -601,14 +700,15 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
         *[f"| {k} | {v} |" for k, v in recipe],
         "",
         f"Refit with this exact configuration and seed on {' + '.join(trained_on)} ({res.epochs_run} epochs, "
-        f"{res.seconds:.1f} s). Backbone: {bb['name']}, {bb['num_stages']} stages, {bb['feature_dim']}-d features"
-        + (f", pretrained weights {bb['meta'].get('weights') or bb['meta'].get('source')}" if bb['meta'] else "") + ".",
+        f"{res.seconds:.1f} s). Backbone: {_md(bb['name'])}, {bb['num_stages']} stages, {bb['feature_dim']}-d features"
+        + (f", pretrained weights {_md(bb['meta'].get('weights') or bb['meta'].get('source'))}"
+           if bb['meta'] else "") + ".",
         "",
         "## How the search went",
         "",
         f"- {s['trials']} trials: {s['complete']} complete, {s['pruned']} pruned, {s['fail']} failed; {wall} "
         f"({s['trial_seconds']:.0f} s summed over trials)",
-        f"- backbones tried: {', '.join(s['backbones_tried'])}",
+        f"- backbones tried: {', '.join(_md(b) for b in s['backbones_tried'])}",
         f"- trial #{ft.number} won with validation {td.metric} {_f(ft.value)}",
         "",
         "## Scores",
@@ -621,7 +721,7 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
         "## Files and use",
         "",
         f"- model: {fmt} (encoded input → logits; inputs {', '.join(info['inputs'])}), plus `model.pt` "
-        f"(state_dict of architecture '{info['architecture']}'){errs}",
+        f"(state_dict of architecture '{_md(info['architecture'])}'){errs}",
         "- `config.yaml`, `classes.json`, `preprocessing.json`"
         + (", `tokenizer/`" if pre == "text" else "") + ", `metrics.json`, `model.json`; `manifest.json` holds the "
         "sha256 of every file and is checked on loading.",

@@ -6,22 +6,33 @@ and a tokenizer (``transformers`` or ``tokenizers``, text).  It never imports ``
 ``autoft.zoo``, ``autoft.data`` or ``autoft.engines``, so a folder can be served anywhere these
 packages are installed.
 
->>> model = load_exported("exports/digits")            # verifies manifest.json
+>>> model = load_exported("exports/digits")            # verifies the folder against manifest.json
 >>> preds = model.predict(["a.png", "b.png"])           # or arrays, a folder, PIL images
 >>> preds.labels, preds.probabilities
 
 Preprocessing is re-implemented here with exactly the same operations as training
 (``autoft.data.encode``): images → float in [0, 1], grey repeated to RGB, bilinear antialiased resize
 to ``input_size``, normalised; text → the exported tokenizer, truncated to ``max_length``.
+
+What the integrity check covers: every file an export needs (:func:`required_files`: the fixed
+metadata files, each model file ``model.json`` names, the whole tokenizer folder) must be listed in
+``manifest.json`` with its sha256 and lie inside the folder (no absolute paths, no ``..``, no links out
+of it).  This detects corruption and tampering of a copied folder, not a forged one: the manifest is
+not signed, so whoever can write the folder can rewrite the manifest too.
+
+Image files are read only when their header declares at most ``max_image_pixels`` pixels
+(:data:`DEFAULT_MAX_IMAGE_PIXELS`), checked before decoding, whatever PIL's global limit is.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -36,6 +47,13 @@ MANIFEST = "manifest.json"
 MODEL_INFO = "model.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 BACKENDS = ("auto", "torchscript", "onnx")
+MODEL_FORMATS = ("torchscript", "onnx")
+# written by every export (autoft.export.export); model.json names the model files, preprocessing.json the tokenizer
+REQUIRED_FILES = ("config.yaml", "classes.json", "preprocessing.json", "metrics.json", MODEL_INFO, "README.md")
+# 50 million pixels: a 48 MP photo (8000x6000) still reads; decoded it is 150 MB of uint8 RGB and about
+# 600 MB as the float32 tensor preprocessing makes of it before resizing to the model's input (32-224 px).
+# PIL's own default (89.5 million, an error only at twice that) lets a 10000x10000 image through: gigabytes.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,16 +85,93 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_folder(folder: Path, manifest: dict | None = None) -> dict:
-    """Check that every file listed in ``manifest.json`` is present with its recorded sha256."""
+def inside(folder: Path, name, what: str = "file") -> Path:
+    """``folder / name`` when ``name`` is a relative path that stays inside ``folder`` (after ``..`` and
+    links are resolved); otherwise an :class:`ExportError`.  Every path an export names goes through this."""
     folder = Path(folder)
-    manifest = manifest or read_manifest(folder)
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ExportError(f"exported model {folder}: {what} {name!r} is not a file name; the folder was altered "
+                          "or corrupted. Export the model again.")
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+        raise ExportError(f"exported model {folder}: {what} '{name}' is an absolute path, outside the folder; an "
+                          "export only uses files inside its own folder, so it was altered. Export the model again.")
+    path = folder / name
+    try:
+        real, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise ExportError(f"exported model {folder}: {what} '{name}' cannot be resolved ({exc})") from None
+    if not real.is_relative_to(root):
+        raise ExportError(f"exported model {folder}: {what} '{name}' resolves to {real}, outside the folder; an "
+                          "export only uses files inside its own folder, so it was altered. Export the model again.")
+    return path
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Relative names of every non-folder entry under ``folder`` (links included, not followed)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        base = Path(dirpath)
+        out += [(base / n).relative_to(folder).as_posix() for n in filenames]
+        out += [(base / n).relative_to(folder).as_posix() for n in dirnames if (base / n).is_symlink()]
+    return sorted(out)
+
+
+def _load_json(folder: Path, name: str):
+    path = folder / name
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"exported model {folder} is incomplete: missing file {name}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}); the folder was altered or corrupted") from None
+
+
+def required_files(folder: Path, info: dict, pre: dict) -> list[str]:
+    """The files an export needs, from its (verified) ``model.json`` and ``preprocessing.json``:
+    :data:`REQUIRED_FILES`, the model files named in ``model.json`` (``files``: torchscript and/or
+    onnx, and state_dict) and, for text, every file of the tokenizer folder.  Each must lie inside
+    ``folder``; any of them not listed in the manifest makes the folder unverifiable."""
+    folder = Path(folder)
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(files, dict):
+        raise ExportError(f"exported model {folder}: {MODEL_INFO} has no 'files' map; the folder was altered")
+    need = list(REQUIRED_FILES)
+    models = [k for k in MODEL_FORMATS if files.get(k)]
+    if not models:
+        raise ExportError(f"exported model {folder}: {MODEL_INFO} names no model file (torchscript or onnx)")
+    for key in [*models, "state_dict"]:
+        if not files.get(key):
+            raise ExportError(f"exported model {folder}: {MODEL_INFO} names no {key} file")
+        inside(folder, files[key], f"the {key} file in {MODEL_INFO}")
+        need.append(PurePosixPath(files[key]).as_posix())
+    if isinstance(pre, dict) and pre.get("modality") == "text":
+        tok = pre.get("tokenizer", "tokenizer")
+        tok_dir = inside(folder, tok, "the tokenizer folder in preprocessing.json")
+        if not tok_dir.is_dir():
+            raise ExportError(f"exported model {folder} is incomplete: the tokenizer folder '{tok}' is missing")
+        tok_files = [f"{PurePosixPath(tok).as_posix()}/{n}" for n in _files_under(tok_dir)]
+        if not tok_files:
+            raise ExportError(f"exported model {folder} is incomplete: the tokenizer folder '{tok}' is empty")
+        need += tok_files  # the tokenizer reads whatever its folder holds: every file of it must be checked
+    return list(dict.fromkeys(need))
+
+
+def _check_listed(folder: Path, listed, names) -> None:
+    unlisted = [n for n in names if n not in listed]
+    if unlisted:
+        raise ExportError(f"exported model {folder}: {', '.join(unlisted)} not listed in {MANIFEST}; an export lists "
+                          "every file it needs with its sha256, so the folder was altered (or not written by "
+                          "autoft export). Export the model again.")
+
+
+def _check_hashes(folder: Path, entries: dict, names) -> None:
     missing, altered = [], []
-    for name, entry in sorted(manifest["files"].items()):
+    for name in names:
         p = folder / name
+        entry = entries[name]
         if not p.is_file():
             missing.append(name)
-        elif sha256_file(p) != entry.get("sha256"):
+        elif not isinstance(entry, dict) or sha256_file(p) != entry.get("sha256"):
             altered.append(name)
     if missing:
         raise ExportError(f"exported model {folder} is incomplete: missing file(s) {', '.join(missing)} "
@@ -85,6 +180,31 @@ def verify_folder(folder: Path, manifest: dict | None = None) -> dict:
         raise ExportError(f"exported model {folder}: file(s) {', '.join(altered)} changed since the export "
                           f"(sha256 differs from {MANIFEST}); the folder was altered or corrupted. "
                           "Restore the original files or export the model again.")
+
+
+def verify_folder(folder: Path, manifest: dict | None = None) -> dict:
+    """Check an exported folder against its ``manifest.json``.
+
+    Every listed file must lie inside the folder and match its sha256; every file the export needs
+    (:func:`required_files`) must be listed.  Files on disk that the manifest does not list are not
+    used by loading (except in the tokenizer folder, where they are an error) and only logged.
+    This detects corruption and tampering of a copied folder, not a forged one: the manifest is unsigned.
+    """
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    entries = manifest["files"]
+    for name in entries:
+        inside(folder, name, f"{MANIFEST} entry")
+    # the fixed files first: model.json and preprocessing.json say which other files are needed
+    _check_listed(folder, entries, REQUIRED_FILES)
+    _check_hashes(folder, entries, REQUIRED_FILES)
+    need = required_files(folder, _load_json(folder, MODEL_INFO), _load_json(folder, "preprocessing.json"))
+    _check_listed(folder, entries, need)
+    _check_hashes(folder, entries, sorted(entries))
+    extra = [n for n in _files_under(folder) if n != MANIFEST and n not in entries]
+    if extra:
+        log.warning("exported model %s: file(s) not listed in %s, not checked and not used: %s", folder, MANIFEST,
+                    ", ".join(extra[:10]) + (f" and {len(extra) - 10} more" if len(extra) > 10 else ""))
     return manifest
 
 
@@ -126,20 +246,42 @@ def to_uint8_image(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An image file → HxWx3 uint8.  Refused (:class:`ExportError`) before decoding when its header
+    declares more than ``max_image_pixels`` pixels (``None``: no limit of ours; PIL's global
+    ``Image.MAX_IMAGE_PIXELS`` error still applies and is reported the same way)."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise ExportError("reading image files needs Pillow: pip install pillow") from None
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # our limit decides; PIL's warning (between its global limit and twice it) is not ours to give
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+                if max_image_pixels is not None and w * h > max_image_pixels:
+                    raise ExportError(f"image {path} declares {w}x{h} ({w * h} pixels), more than the limit "
+                                      f"{max_image_pixels} (max_image_pixels); not decoding it (a decompression "
+                                      "bomb, or an image to shrink first)")
+                im.load()
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
+                return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise ExportError(f"image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        # Image.open refused it before we saw its size: more than twice PIL's global limit
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        n = int(m.group(1)) if m else None
+        pil_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+        if n is not None and max_image_pixels is not None and n > max_image_pixels:
+            limit = f"the limit {max_image_pixels} (max_image_pixels)"
+        else:
+            limit = f"PIL's limit {pil_limit} (twice PIL.Image.MAX_IMAGE_PIXELS)"
+        raise ExportError(f"image {path} declares {n if n is not None else 'too many'} pixels, more than {limit}; "
+                          "not decoding it (a decompression bomb, or an image to shrink first)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ExportError(f"could not read {path} as an image ({type(exc).__name__}: {exc})") from None
 
 
@@ -254,6 +396,7 @@ class Predictions:
     classes: list[str]
     probabilities: np.ndarray  # (N, num_classes)
     inputs: list[str] = field(default_factory=list)  # a name per input (file path, array[i], text)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) for unreadable files in folders
 
     @property
     def indices(self) -> np.ndarray:
@@ -292,16 +435,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class ExportedModel:
     """An exported folder, loaded and verified; ``predict`` turns raw inputs into classes."""
 
-    def __init__(self, folder: str | Path, backend: str = "auto", *, verify: bool = True, device: str = "cpu"):
+    def __init__(self, folder: str | Path, backend: str = "auto", *, verify: bool = True, device: str = "cpu",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.folder = Path(folder)
         if backend not in BACKENDS:
             raise ExportError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
+        if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
+            raise ExportError(f"max_image_pixels must be a positive integer or None, got {max_image_pixels!r}")
+        self.max_image_pixels = max_image_pixels
         self.manifest = verify_folder(self.folder) if verify else read_manifest(self.folder)
         self.info = self._json(MODEL_INFO)
         self.classes: list[str] = list(self._json("classes.json"))
         self.preprocessing: dict = self._json("preprocessing.json")
         self.modality: str = self.preprocessing["modality"]
-        files = self.info.get("files", {})
+        files = self.info.get("files")
+        if not isinstance(files, dict):
+            raise ExportError(f"exported model {self.folder}: {MODEL_INFO} has no 'files' map; the folder was altered")
         if backend == "auto":
             backend = "torchscript" if files.get("torchscript") else "onnx"
         target = files.get(backend)
@@ -310,28 +459,24 @@ class ExportedModel:
             have = [k for k in ("torchscript", "onnx") if files.get(k)]
             raise ExportError(f"{self.folder} has no {backend} model" + (f" (export failed: {why})" if why else "")
                               + f"; available: {', '.join(have) or 'none'}")
-        if not (self.folder / target).is_file():
+        path = inside(self.folder, target, f"the {backend} file in {MODEL_INFO}")  # also when verify=False
+        if not path.is_file():
             raise ExportError(f"exported model {self.folder} is incomplete: missing file {target}")
         if backend == "torchscript":
-            self._run = _TorchScriptBackend(self.folder / target, device)
+            self._run = _TorchScriptBackend(path, device)
         else:
-            self._run = _OnnxBackend(self.folder / target, self.info["inputs"])
+            self._run = _OnnxBackend(path, self.info["inputs"])
         self.backend = backend
         self._text: TextEncoder | None = None
         if self.modality == "text":
-            tok_dir = self.folder / self.preprocessing.get("tokenizer", "tokenizer")
+            tok_dir = inside(self.folder, self.preprocessing.get("tokenizer", "tokenizer"),
+                             "the tokenizer folder in preprocessing.json")
             self._text = TextEncoder(tok_dir, self.preprocessing.get("max_length", 128))
         log.info("loaded %s (%s, %d classes) with backend %s", self.folder, self.info.get("architecture"),
                  len(self.classes), backend)
 
     def _json(self, name: str):
-        path = self.folder / name
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ExportError(f"exported model {self.folder} is incomplete: missing file {name}") from None
-        except ValueError as exc:
-            raise ExportError(f"{path} is not valid JSON ({exc}); the folder was altered or corrupted") from None
+        return _load_json(self.folder, name)
 
     @property
     def metrics(self) -> dict:
@@ -342,8 +487,12 @@ class ExportedModel:
                 f"classes={len(self.classes)}, backend={self.backend!r})")
 
     # -- inputs --------------------------------------------------------------------------
-    def expand_inputs(self, inputs) -> tuple[list, list[str]]:
-        """Raw inputs → (items, names).  Images: files, folders, ``.npy`` batches, arrays, PIL images."""
+    def expand_inputs(self, inputs, skipped: list | None = None) -> tuple[list, list[str]]:
+        """Raw inputs → (items, names).  Images: files, folders, ``.npy`` batches, arrays, PIL images.
+
+        An image file named explicitly must be readable; unreadable files found in a folder (corrupt,
+        not images, larger than ``max_image_pixels``) are skipped with a warning and, when ``skipped``
+        is a list, appended to it as ``(file, reason)``."""
         if self.modality == "text":
             if isinstance(inputs, str):
                 inputs = [inputs]
@@ -365,8 +514,20 @@ class ExportedModel:
                     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
                     if not files:
                         raise ExportError(f"folder {p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-                    items += [read_image(f) for f in files]
-                    names += [str(f) for f in files]
+                    bad = []
+                    for f in files:
+                        try:
+                            items.append(read_image(f, self.max_image_pixels))
+                        except ExportError as exc:
+                            log.warning("skipped unreadable file %s: %s", f, exc)
+                            bad.append((str(f), str(exc)))
+                            continue
+                        names.append(str(f))
+                    if len(bad) == len(files):
+                        raise ExportError(f"folder {p} holds no readable image: all {len(files)} image file(s) "
+                                          f"failed to read, e.g. {bad[0][1]}")
+                    if skipped is not None:
+                        skipped.extend(bad)
                 elif p.suffix.lower() == ".npy":
                     if not p.is_file():
                         raise ExportError(f"array file {p} does not exist")
@@ -374,7 +535,7 @@ class ExportedModel:
                     items += [to_uint8_image(a) for a in arrs]
                     names += [f"{p}[{j}]" for j in range(len(arrs))]
                 else:
-                    items.append(read_image(p))
+                    items.append(read_image(p, self.max_image_pixels))
                     names.append(str(p))
             elif _is_pil(x):
                 items.append(np.asarray(x if x.mode == "RGB" else x.convert("RGB"), dtype=np.uint8))
@@ -417,8 +578,11 @@ class ExportedModel:
 
     def predict(self, inputs, batch_size: int | None = None) -> Predictions:
         """Classes and probabilities of ``inputs`` (see :meth:`expand_inputs` for what is accepted)."""
-        items, names = self.expand_inputs(inputs)
-        return self.predict_items(items, names, batch_size)
+        skipped: list[tuple[str, str]] = []
+        items, names = self.expand_inputs(inputs, skipped)
+        preds = self.predict_items(items, names, batch_size)
+        preds.skipped = skipped
+        return preds
 
     def predict_items(self, items: list, names: list[str] | None = None, batch_size: int | None = None) -> Predictions:
         """Like :meth:`predict`, for already-read items (uint8 HxWxC arrays or strings)."""
@@ -464,10 +628,12 @@ def read_text_table(path: str | Path, text_column: str = "text", sep: str | None
     return read_table(path, [text_column], sep)[text_column]
 
 
-def load_exported(folder: str | Path, backend: str = "auto", *, verify: bool = True,
-                  device: str = "cpu") -> ExportedModel:
-    """Load an exported folder (checking every file against ``manifest.json``).
+def load_exported(folder: str | Path, backend: str = "auto", *, verify: bool = True, device: str = "cpu",
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ExportedModel:
+    """Load an exported folder (checking every file it needs against ``manifest.json``).
 
     ``backend``: ``"torchscript"`` (default when present), ``"onnx"`` (needs onnxruntime) or ``"auto"``.
+    ``max_image_pixels``: image files whose header declares more pixels are refused before decoding
+    (``None``: no limit beyond PIL's own).
     """
-    return ExportedModel(folder, backend, verify=verify, device=device)
+    return ExportedModel(folder, backend, verify=verify, device=device, max_image_pixels=max_image_pixels)
