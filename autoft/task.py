@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from autoft.core.metrics import ALL as METRICS
 from autoft.core.metrics import BINARY_ONLY, MINIMIZE
+from autoft.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
 from autoft.errors import ConfigError, did_you_mean
 
 # built-in task files and search spaces are package data: found the same way from a wheel and a checkout
@@ -40,6 +41,9 @@ class DataSpec(_Model):
     x_key: str = "x"
     y_key: str = "y"
     max_length: int = Field(128, ge=8, le=4096, description="text: tokens kept per example")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description=(
+        "image_folder: images whose header declares more pixels are skipped, not decoded "
+        "(decompression bombs)"))
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -126,7 +130,7 @@ class Task(_Model):
         if d.source == "digits":
             ld = D.load_digits_data()
         elif d.source == "image_folder":
-            ld = D.load_image_folder(path)
+            ld = D.load_image_folder(path, max_image_pixels=d.max_image_pixels)
         elif d.source == "csv":
             ld = D.load_csv(path, d.text_column, d.label_column, d.sep, d.encoding)
         else:
@@ -142,7 +146,7 @@ class Task(_Model):
         s = self.split
         splits = stratified_split(ld.labels, val=s.val, test=s.test, seed=s.seed,
                                   train_per_class=s.train_per_class, val_per_class=s.val_per_class,
-                                  source=str(self.data_path() or self.data.source))
+                                  source=str(self.data_path() or self.data.source), class_names=ld.class_names)
         pos = None
         if ld.num_classes == 2:
             if self.positive_class is not None:

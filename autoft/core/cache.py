@@ -17,6 +17,8 @@ import copy
 import hashlib
 import logging
 import os
+import re
+import stat
 import time
 import uuid
 from collections import OrderedDict
@@ -151,9 +153,14 @@ class DiskCache:
       After each write, the oldest files are deleted until the folder holds at most ``max_bytes``.
       An entry larger than ``max_bytes`` on its own is not stored.  Temporary files older than an
       hour (left by a crashed writer) are removed too.
+    * **Only its own files** are ever counted, evicted or cleared: names of exactly the two forms
+      it writes (``<40 hex>.pt`` entries, ``.<40 hex>.<pid>.<8 hex>.tmp`` temporary files).  Any
+      other file in the folder (a user's ``model.pt``) is left alone.
     """
 
     SUFFIX = ".pt"
+    ENTRY_NAME = re.compile(r"[0-9a-f]{40}\.pt")
+    TMP_NAME = re.compile(r"\.[0-9a-f]{40}\.[0-9]+\.[0-9a-f]{8}\.tmp")
 
     def __init__(self, folder: str | Path, max_bytes: int = DEFAULT_DISK_BYTES):
         self.folder = Path(folder).expanduser()
@@ -217,7 +224,7 @@ class DiskCache:
         return True
 
     def entries(self) -> list[tuple[float, int, Path]]:
-        """(mtime, size, path) of every stored entry, oldest first."""
+        """(mtime, size, path) of every entry this cache wrote (by name), oldest first."""
         out = []
         try:
             files = list(self.folder.iterdir())
@@ -225,13 +232,18 @@ class DiskCache:
             return []
         now = time.time()
         for p in files:
+            entry, tmp = self.ENTRY_NAME.fullmatch(p.name), self.TMP_NAME.fullmatch(p.name)
+            if not (entry or tmp):
+                continue  # not ours: never counted, never deleted
             try:
-                st = p.stat()
+                st = p.lstat()
             except OSError:
                 continue
-            if p.suffix == self.SUFFIX and not p.name.startswith("."):
+            if not stat.S_ISREG(st.st_mode):
+                continue  # a link or folder under our name pattern: not something we wrote
+            if entry:
                 out.append((st.st_mtime, st.st_size, p))
-            elif p.name.endswith(".tmp") and now - st.st_mtime > 3600:
+            elif now - st.st_mtime > 3600:
                 _unlink(p)  # left behind by a writer that died
         return sorted(out)
 

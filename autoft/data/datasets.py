@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from autoft.errors import DataError
+from autoft.export.runtime import DEFAULT_MAX_IMAGE_PIXELS  # light: the standard library and NumPy
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Images whose header declares more than DEFAULT_MAX_IMAGE_PIXELS pixels are skipped before decoding
+# (decompression bombs: a 196-byte PNG can declare 30000x30000).  The same limit as predicting from an
+# exported model: a 48 MP photo (8000x6000) loads, 10000x10000 does not.  data.max_image_pixels
+# in a task file overrides it.
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_SUFFIXES", "LabelledData", "load_csv", "load_digits_data",
+           "load_image_folder", "load_npz"]
 
 
 @dataclass
@@ -92,34 +101,53 @@ def _to_uint8_image(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def load_image_folder(path: Path) -> LabelledData:
+def load_image_folder(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> LabelledData:
+    """One sub-folder per class.  Unreadable images and images whose header declares more than
+    ``max_image_pixels`` pixels are skipped (named in ``notes`` and the log), never decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    if max_image_pixels < 1:
+        raise DataError(f"max_image_pixels must be at least 1, got {max_image_pixels}")
     if not path.is_dir():
         raise DataError(f"image folder {path} does not exist (expected one sub-folder per class)")
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"image folder {path} has no sub-folders; expected one sub-folder per class "
                         "holding that class's images")
-    inputs, names, skipped, converted = [], [], [], Counter()
+    inputs, names, skipped, too_large, converted = [], [], [], [], Counter()
     for cdir in class_dirs:
         for f in sorted(cdir.rglob("*")):
             if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(f) as im:
+                with warnings.catch_warnings():
+                    # PIL warns above its own global limit; ours is checked below, from the header
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    opened = Image.open(f)  # reads the header only
+                with opened as im:
+                    w, h = im.size
+                    if w * h > max_image_pixels:
+                        too_large.append(f"{f} ({w}x{h})")
+                        continue
                     im.load()
                     if im.mode != "RGB":
                         converted[im.mode] += 1
                         im = im.convert("RGB")
                     inputs.append(np.asarray(im, dtype=np.uint8))
                     names.append(cdir.name)
+            except Image.DecompressionBombError as exc:  # above 2x PIL's global limit: PIL refuses it
+                m = re.search(r"\((\d+) pixels\)", str(exc))
+                too_large.append(f"{f} ({m.group(1)} pixels)" if m else f"{f} (DecompressionBombError)")
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 skipped.append(f"{f} ({type(exc).__name__})")
     notes = [f"converted {n} {mode} image(s) to RGB" for mode, n in sorted(converted.items())]
     if skipped:
         notes.append(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(skipped[:5])
                      + (" ..." if len(skipped) > 5 else ""))
+    if too_large:
+        notes.append(f"skipped {len(too_large)} image(s) declaring more than {max_image_pixels} pixels "
+                     "(possible decompression bombs; raise data.max_image_pixels to load them): "
+                     + "; ".join(too_large[:5]) + (" ..." if len(too_large) > 5 else ""))
     sizes = {x.shape[:2] for x in inputs}
     if len(sizes) > 1:
         notes.append(f"images have {len(sizes)} different sizes; all are resized to the backbone's input")
@@ -127,7 +155,9 @@ def load_image_folder(path: Path) -> LabelledData:
         log.warning("%s: %s", path, n)
     if not inputs:
         raise DataError(f"image folder {path} holds no readable images (looked for "
-                        f"{', '.join(sorted(IMAGE_SUFFIXES))} in {len(class_dirs)} class folders)")
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))} in {len(class_dirs)} class folders"
+                        + (f"; {len(too_large)} declare more than {max_image_pixels} pixels "
+                           "(data.max_image_pixels)" if too_large else "") + ")")
     labels, classes = _labels_from_names(names, str(path))
     return LabelledData(inputs, labels, classes, "image", str(path), notes)
 

@@ -1,9 +1,12 @@
-"""torchvision ImageNet classifiers through torchvision's own weights API.
+"""torchvision ImageNet classifiers: torchvision's architectures and weights records.
 
 Weights load from ``$TORCH_HOME/hub/checkpoints`` (torchvision's cache); offline without the
-file, a :class:`WeightsError` says which file to put where.  Stages: the stem, then every
-residual / inverted-residual / ConvNeXt block, then (where the network has one) its last conv or
-norm layer.
+file, a :class:`WeightsError` says which file to put where.  autoft reads the file itself, never
+through ``torch.hub`` (which unpickles with ``weights_only=False`` and hash-checks only what it
+downloads): the file's sha256 must start with the prefix in its name (``resnet18-f37072fd.pth``)
+before it is read, and it is read with ``torch.load(..., weights_only=True)`` (see
+:mod:`autoft.zoo.weights`).  Stages: the stem, then every residual / inverted-residual / ConvNeXt
+block, then (where the network has one) its last conv or norm layer.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from torch import nn
 from autoft.errors import WeightsError
 from autoft.home import offline
 from autoft.zoo.base import Backbone, BackboneSpec, Preprocessing
+from autoft.zoo.weights import WeightsSpec, load_state
 
 MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
           "efficientnet_b0", "convnext_tiny")
@@ -26,8 +30,30 @@ def _weights_enum(name: str):
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
+def checkpoint_dir() -> Path:
+    """torchvision's cache folder, ``$TORCH_HOME/hub/checkpoints`` (read when called)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def weights_spec(name: str) -> WeightsSpec:
+    """The download URL and, through the hash prefix in its file name, the sha256 to check."""
+    return WeightsSpec(_weights_enum(name).url, folder=checkpoint_dir,
+                       hint="or set TORCH_HOME to a folder whose hub/checkpoints/ holds it")
+
+
 def checkpoint_path(name: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / _weights_enum(name).url.rsplit("/", 1)[-1]
+    return weights_spec(name).local_path()
+
+
+def _load_pretrained(name: str, net: nn.Module) -> None:
+    spec = weights_spec(name)
+    state = load_state(spec)  # hash-checked, then torch.load(weights_only=True)
+    if not isinstance(state, dict):
+        raise WeightsError(f"{spec.local_path()} is not a state dict (it holds a {type(state).__name__})")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{spec.local_path()} does not match torchvision's {name}: {exc}") from None
 
 
 def _flatten_blocks(seq: nn.Sequential) -> list[nn.Module]:
@@ -54,12 +80,11 @@ def build(name: str, pretrained: bool = True) -> Backbone:
     weights = _weights_enum(name) if pretrained else None
     if pretrained and not checkpoint_path(name).is_file() and offline():
         raise WeightsError(_missing_message(name))
-    try:
-        net = torchvision.models.get_model(name, weights=weights)
-    except Exception as exc:
-        if isinstance(exc, (OSError, RuntimeError)) or "urlopen" in str(exc).lower():
-            raise WeightsError(_missing_message(name) + f" ({type(exc).__name__}: {exc})") from None
-        raise
+    # the architecture alone (torchvision's weights= path would load through torch.hub), same
+    # definition as with weights: for these models the weights only fix num_classes=1000
+    net = torchvision.models.get_model(name, weights=None)
+    if pretrained:
+        _load_pretrained(name, net)
     if name.startswith("resnet"):
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [stem, *net.layer1, *net.layer2, *net.layer3, *net.layer4]

@@ -1,14 +1,20 @@
 """Pretrained weights resolved the torchvision way: a URL plus a sha256, through a cache folder.
 
-Lookup order: ``<AUTOFT_HOME>/weights/<file>`` (see :mod:`autoft.home`).  A file that is present
-must match its sha256 (prefix in the file name, full hash here); a missing file is downloaded
-only when the network is allowed (``AUTOFT_OFFLINE`` unset), then verified.  Files are read with
-``torch.load(..., weights_only=True)``: no pickled code ever runs.
+Lookup: ``<folder>/<file>``, where the folder is ``<AUTOFT_HOME>/weights`` (see :mod:`autoft.home`)
+unless the spec names another (torchvision's ``$TORCH_HOME/hub/checkpoints``).  A file that is
+present is hashed before anything reads it: against the full sha256 where the record has one,
+otherwise against the hash prefix in its name (torchvision's ``<name>-<first 8 hex of sha256>.pth``,
+the check ``torch.hub`` applies only at download time).  A missing file is downloaded only when the
+network is allowed (``AUTOFT_OFFLINE`` unset), then verified the same way before it is kept.  Files
+are read with ``torch.load(..., weights_only=True)`` only: no pickled code ever runs, even in a
+file whose hash matches.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,18 +27,42 @@ log = logging.getLogger(__name__)
 _VERIFIED: dict[tuple[str, float, int], str] = {}
 
 
+# torch.hub's convention: the hash prefix is what follows the last '-' up to the first '.'
+HASH_PREFIX = re.compile(r"-([a-f0-9]{8,64})\.")
+AUTOFT_HINT = "or point AUTOFT_HOME at a folder whose weights/ sub-folder holds it"
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
+    """Where a weights file comes from and what it must hash to.
+
+    ``sha256``: the full hash, or ``None`` to check the prefix in the file name instead
+    (torchvision's files).  ``folder``: the cache folder, default ``<AUTOFT_HOME>/weights`` (called
+    at lookup time, so that environment variables set later count); ``hint``: how to point autoft at another folder."""
+
     url: str
-    sha256: str
+    sha256: str | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    folder: Callable[[], Path] | None = field(default=None, hash=False, compare=False)
+    hint: str = field(default=AUTOFT_HINT, hash=False, compare=False)
 
     @property
     def filename(self) -> str:
         return self.url.rsplit("/", 1)[-1]
 
+    @property
+    def expected(self) -> str:
+        """The full sha256, or the prefix in the file name; a file with neither is never trusted."""
+        if self.sha256:
+            return self.sha256.lower()
+        m = HASH_PREFIX.search(self.filename)
+        if m is None:
+            raise WeightsError(f"weights file '{self.filename}' has no recorded sha256 and no hash prefix "
+                               "in its name; refusing to load a file that cannot be verified.")
+        return m.group(1)
+
     def local_path(self) -> Path:
-        return weights_dir() / self.filename
+        return Path((self.folder or weights_dir)()) / self.filename
 
     def is_available(self) -> bool:
         return self.local_path().is_file()
@@ -51,15 +81,24 @@ def sha256_of(path: Path) -> str:
     return _VERIFIED[key]
 
 
+def _matches(digest: str, expected: str) -> bool:
+    return digest.startswith(expected) if len(expected) < 64 else digest == expected
+
+
+def _kind(expected: str) -> str:
+    return "sha256" if len(expected) == 64 else "sha256 starting with"
+
+
 def resolve(spec: WeightsSpec) -> Path:
     """Return the verified local path of ``spec``, downloading it if allowed and missing."""
     path = spec.local_path()
+    expected = spec.expected
     if not path.is_file():
         if offline():
             raise WeightsError(
                 f"weights file '{spec.filename}' is not in {path.parent} and downloads are disabled "
                 f"(AUTOFT_OFFLINE/HF_HUB_OFFLINE is set). Download it from {spec.url} into that folder, "
-                f"or point AUTOFT_HOME at a folder whose weights/ sub-folder holds it.")
+                f"{spec.hint}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".partial")
         log.info("downloading %s to %s", spec.url, path)
@@ -70,25 +109,34 @@ def resolve(spec: WeightsSpec) -> Path:
             raise WeightsError(
                 f"weights file '{spec.filename}' is not in {path.parent} and could not be downloaded "
                 f"from {spec.url} ({type(exc).__name__}: {exc}). Put the file in that folder by hand, "
-                f"or set AUTOFT_HOME to a folder whose weights/ sub-folder holds it.") from None
+                f"{spec.hint}.") from None
         digest = sha256_of(tmp)
-        if digest != spec.sha256:
+        if not _matches(digest, expected):
             tmp.unlink(missing_ok=True)
-            raise WeightsError(f"downloaded {spec.url} has sha256 {digest}, expected {spec.sha256}; "
-                               "the file was discarded.")
+            raise WeightsError(f"downloaded {spec.url} has sha256 {digest}, expected {_kind(expected)} "
+                               f"{expected}; the file was discarded.")
         tmp.replace(path)
     digest = sha256_of(path)
-    if digest != spec.sha256:
+    if not _matches(digest, expected):
         raise WeightsError(
-            f"weights file {path} has sha256 {digest}, expected {spec.sha256}. The file is corrupt "
-            "or not the published one; refusing to load it. Delete it (it will be downloaded again) "
-            "or replace it with the original.")
+            f"weights file {path} has sha256 {digest}, expected {_kind(expected)} {expected}. The file "
+            "is corrupt or not the published one; refusing to load it (it was not read). Delete it (it "
+            "will be downloaded again) or replace it with the original.")
     return path
 
 
 def load_state(spec: WeightsSpec) -> dict:
+    """The verified file's contents, read with ``weights_only=True`` (tensors and plain containers)."""
     path = resolve(spec)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"could not read weights file {path}: {exc}") from None
+        if type(exc).__name__ != "UnpicklingError":  # (pickle itself is not imported in autoft)
+            raise WeightsError(f"could not read weights file {path} ({type(exc).__name__}: {exc})") from None
+        # torch's message suggests weights_only=False; relay only what it found in the file
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = f" (it refers to {m.group(1)})" if m else ""
+        raise WeightsError(
+            f"weights file {path} holds more than tensors{found}. Reading it would run pickled code, "
+            "which autoft never allows (torch.load with weights_only=True refused it); it was not loaded. "
+            "Use a checkpoint that holds only a state dict of tensors.") from None
