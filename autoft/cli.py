@@ -22,26 +22,71 @@ def _console():
 
 
 def _task_and_study(args):
+    """The task of ``--task`` and the study name, both checked: they become folders under the results folder."""
+    from autoft.study import validate_name
     from autoft.task import load_task
 
+    validate_name(args.study_name, "--study-name")
     task = load_task(args.task)
+    validate_name(task.name, "name", file=task.file)  # checked here too: it names a folder (no '.', '..', '/')
     return task, args.study_name
+
+
+def check_paths(req) -> None:
+    """Every folder the study writes to resolves under the results folder (no link leads out of it)."""
+    from autoft.study import ensure_inside
+
+    ensure_inside(req.results_dir / req.task.name / req.study_name, req.results_dir, "--study-name")
+    if not req.storage:
+        ensure_inside(req.results_dir / req.task.name / "optuna.db", req.results_dir, "--storage")
+
+
+def check_budget_options(args) -> None:
+    """``--n-trials``, ``--timeout``, ``--n-jobs`` and ``--threads`` as the task file checks its budget."""
+    from autoft.errors import ConfigError
+
+    if getattr(args, "n_trials", None) is not None and args.n_trials < 1:
+        raise ConfigError(f"the study's trial budget must be at least 1, got {args.n_trials}", field="--n-trials")
+    if getattr(args, "timeout", None) is not None and not args.timeout > 0:  # also rejects nan
+        raise ConfigError(f"expected a number of seconds above 0, got {args.timeout:g}", field="--timeout")
+    if getattr(args, "n_jobs", None) is not None and args.n_jobs < 1:
+        raise ConfigError(f"expected at least 1 parallel trial, got {args.n_jobs}", field="--n-jobs")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ConfigError(f"expected at least 1 torch thread, got {args.threads}", field="--threads")
 
 
 def _open_study(args, task):
     import optuna
 
     from autoft.engines.common import SearchRequest
-    from autoft.engines.optuna_engine import make_storage
     from autoft.errors import ConfigError
+    from autoft.study import open_storage
 
     req = SearchRequest(task=task, space=None, study_name=args.study_name, results_dir=Path(args.results_dir),
                         storage=args.storage)
+    check_paths(req)
+    storage = open_storage(req.storage_url)
     try:
-        return req, optuna.load_study(study_name=args.study_name, storage=make_storage(req.storage_url))
+        return req, optuna.load_study(study_name=args.study_name, storage=storage)
     except KeyError:
-        raise ConfigError(f"no study '{args.study_name}' for task '{task.name}' in {req.storage_url}; "
+        raise ConfigError(f"no study '{args.study_name}' for task '{task.name}' in {req.shown_storage}; "
                           f"run 'autoft search --task {args.task}' first (or pass --study-name / --storage)") from None
+
+
+def trial_config(trial, purpose: str):
+    """The trial's configuration as a TrialConfig, or None (and a warning naming the trial) when its
+    ``config`` attribute does not validate (a shared study may hold one written by another version)."""
+    from autoft.core.config import TrialConfig
+    from autoft.engines.common import ATTR_CONFIG
+    from autoft.study.storage import warn_malformed
+
+    doc = trial.user_attrs.get(ATTR_CONFIG)
+    try:
+        return TrialConfig(**doc)
+    except (TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warn_malformed(trial.number, ATTR_CONFIG, doc, f"it does not validate ({reason[:200]}): {purpose}")
+        return None
 
 
 class ProgressView:
@@ -56,6 +101,7 @@ class ProgressView:
                                  transient=False, disable=not console.is_terminal and os.environ.get("AUTOFT_PROGRESS") != "1")
         self.task_id = self.progress.add_task("", total=total, completed=already)
         self.console, self.total = console, total
+        self.ran = self.surplus = 0  # trials this process ran / found the budget already taken for
 
     def __enter__(self):
         self.progress.__enter__()
@@ -67,16 +113,23 @@ class ProgressView:
     def __call__(self, study, trial) -> None:
         from autoft.results.tables import best_trial, state_counts, trial_origin
 
+        if trial.user_attrs.get("surplus"):  # never ran: the budget was taken by other processes
+            self.surplus += 1
+            return
+        self.ran += 1
         c = state_counts(study.get_trials(deepcopy=False))
         bt = best_trial(study)
-        best = f"best {self.metric} {bt.value:.4f} (#{bt.number}, {bt.params.get('backbone', '')})" if bt else "no result yet"
+        bcfg = bt.user_attrs.get("config") if bt else None
+        bb = (bcfg if isinstance(bcfg, dict) else bt.params).get("backbone", "?") if bt else None
+        best = f"best {self.metric} {bt.value:.4f} (#{bt.number}, {bb})" if bt else "no result yet"
         self.progress.update(self.task_id, completed=c["complete"] + c["pruned"] + c["fail"],
                              description=f"{c['complete']} complete · {c['pruned']} pruned · {c['fail']} failed · {best}")
         if self.progress.disable:  # not a terminal (CI log, file, pipe): one plain line per trial
             state = trial.state.name.lower()
             val = f"{trial.value:.4f}" if trial.value is not None else "-"
             epochs = len(trial.intermediate_values)
-            cfg = trial.user_attrs.get("config") or trial.params
+            cfg = trial.user_attrs.get("config")
+            cfg = cfg if isinstance(cfg, dict) else trial.params
             origin = trial_origin(trial)
             note = {"sampler": "", "first trial": " (first trial: a first_trials recipe of the search space)"}.get(origin, f" ({origin})")
             self.console.print(f"trial {trial.number} {state}{note}: {self.metric} {val} after {epochs} "
@@ -117,13 +170,17 @@ def cmd_search(args) -> int:
     from autoft.errors import AutoftError
     from autoft.results import write_report
     from autoft.results.tables import best_trial, most_common_failure, state_counts
+    from autoft.study import open_storage
 
+    check_budget_options(args)
     task, _ = _task_and_study(args)
     req = build_request(task, space_path=args.space, overrides=parse_overrides(args.set),
                         backbones=args.backbones.split(",") if args.backbones else None,
                         study_name=args.study_name, results_dir=Path(args.results_dir), storage=args.storage,
                         n_trials=args.n_trials, timeout=args.timeout, n_jobs=args.n_jobs, pruner=args.pruner,
                         extend=args.extend)
+    check_paths(req)
+    storage = open_storage(req.storage_url)  # a storage that cannot be opened fails now, not after the data is read
     console = _console()
     task_data = task.prepare()
     sizes = task_data.splits.sizes()
@@ -131,7 +188,7 @@ def cmd_search(args) -> int:
                   f"(train {sizes['train']}, val {sizes['val']}, test {sizes['test']}) · "
                   f"{task_data.data.num_classes} classes · metric {task.metric} · backbones "
                   f"{', '.join(req.space.backbones)}")
-    console.print(f"study '{req.study_name}' in {req.storage_url} · budget {req.budget} trials"
+    console.print(f"study '{req.study_name}' in {req.shown_storage} · budget {req.budget} trials"
                   + (f", timeout {req.timeout:g}s" if req.timeout else "") + f" · pruner {req.pruner or task.pruner}")
     if args.backend == "ray":
         from autoft.engines.ray_engine import run_ray
@@ -141,11 +198,12 @@ def cmd_search(args) -> int:
                         rank=False if args.no_rank else None)
         cache = FeatureCache()
         interrupted = False  # Ray Tune handles Ctrl-C itself: it saves the experiment (same command resumes)
+        view = None
     else:
         from autoft.engines.optuna_engine import count_finished, create_study, run_study
 
         cache = FeatureCache()
-        study = create_study(req, n_train=len(task_data.splits.train))
+        study = create_study(req, storage=storage, n_train=len(task_data.splits.train))
         already = count_finished(study)
         total = req.budget + (already if req.extend else 0)
         if already:
@@ -164,15 +222,25 @@ def cmd_search(args) -> int:
     bt = best_trial(study)
     test_metrics = None
     if bt is not None and not args.no_final_check and not (args.backend != "ray" and interrupted):
-        console.print(f"final check: re-fitting trial #{bt.number} and scoring it once on the untouched test split")
-        from autoft.core.config import TrialConfig
-
-        cfg = TrialConfig(**bt.user_attrs["config"])
-        res = fine_tune_and_score(cfg, task_data, cache=cache, test=True)
-        test_metrics = res.test_metrics
-    rep = write_report(study, task, req.study_dir, test_metrics=test_metrics, space_file=req.space.file)
+        cfg = trial_config(bt, "the final check is skipped")
+        if cfg is not None:
+            console.print(f"final check: re-fitting trial #{bt.number} and scoring it once on the untouched test split")
+            res = fine_tune_and_score(cfg, task_data, cache=cache, test=True)
+            test_metrics = res.test_metrics
+    rep = write_report(study, task, req.study_dir, test_metrics=test_metrics, space_file=req.space.file,
+                       root=req.results_dir)
     console.print(f"{counts['complete']} complete · {counts['pruned']} pruned · {counts['fail']} failed "
                   f"(of {sum(counts.values())} trials in the study)")
+    if bt is None and view is not None and not interrupted and view.ran == 0 and counts["fail"] == 0 \
+            and (counts["running"] or view.surplus):
+        # another process started on the study at the same time and holds its whole budget: nothing failed
+        held = (f"{counts['running']} trial(s) of study '{req.study_name}' run in other processes" if counts["running"]
+                else f"other processes hold the budget of study '{req.study_name}'")
+        console.print(f"the budget was taken by another process: {held} and none is left for this one; nothing "
+                      "ran or failed here. When they end, 'autoft report' (same --task, --study-name, --storage) "
+                      "writes the results")
+        console.print(f"results: {req.study_dir}")
+        return 0
     if bt is None:
         common = most_common_failure(trials)
         reason = f"; most common failure ({common[1]}x): {common[0]}" if common else ""
@@ -181,8 +249,10 @@ def cmd_search(args) -> int:
         if interrupted:
             return EXIT_INTERRUPTED
         raise AutoftError(f"every trial of study '{req.study_name}' failed{reason}")
-    console.print(f"best: trial #{bt.number} · {bt.user_attrs['config']['backbone']} · unfreeze "
-                  f"{bt.user_attrs['config']['unfreeze']} · validation {task.metric} [bold]{bt.value:.4f}[/]")
+    best_cfg = bt.user_attrs.get("config")
+    best_cfg = best_cfg if isinstance(best_cfg, dict) else bt.params
+    console.print(f"best: trial #{bt.number} · {best_cfg.get('backbone', '?')} · unfreeze "
+                  f"{best_cfg.get('unfreeze', '?')} · validation {task.metric} [bold]{bt.value:.4f}[/]")
     if test_metrics:
         shown = [task.metric] + [m for m in ("accuracy", "f1_macro") if m != task.metric]
         console.print("test (held out, scored once): " + " · ".join(
@@ -199,7 +269,7 @@ def cmd_report(args) -> int:
 
     task, _ = _task_and_study(args)
     req, study = _open_study(args, task)
-    rep = write_report(study, task, req.study_dir)
+    rep = write_report(study, task, req.study_dir, root=req.results_dir)
     _console().print(f"wrote {', '.join(str(p) for p in rep.files)}")
     return 0
 

@@ -56,7 +56,7 @@ CASES = {
     "single class": (lambda p: _task(p, modality="text", data={"source": "csv", "path": str(
         _csv(p, "text,label\n" + "".join(f"m{i},ham\n" for i in range(20))))}), ["same label ('ham')", "at least 2 classes"]),
     "too few per class": (lambda p: _task(p, modality="text", data={"source": "csv", "path": str(
-        _csv(p, "text,label\n" + "".join(f"m{i},ham\n" for i in range(20)) + "x,spam\n"))}), ["class 1 has only 1 example"]),
+        _csv(p, "text,label\n" + "".join(f"m{i},ham\n" for i in range(20)) + "x,spam\n"))}), ["class 'spam' has only 1 example"]),
     "missing label column": (lambda p: _task(p, modality="text", data={"source": "csv", "label_column": "lable",
                                                                          "path": str(_csv(p, "text,label\na,b\n"))}),
                              ["no column 'lable'", "did you mean 'label'"]),
@@ -92,6 +92,28 @@ def test_bad_command_line(extra, words, tmp_path, capsys):
     err = _run(capsys, tmp_path, _task(tmp_path), *extra)
     for w in words:
         assert w in err, err
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--n-trials", "0"], "--n-trials"), (["--n-trials", "-3"], "--n-trials"),
+    (["--timeout", "0"], "--timeout"), (["--timeout", "-5"], "--timeout"), (["--timeout", "nan"], "--timeout"),
+    (["--n-jobs", "0"], "--n-jobs"), (["--n-jobs", "-1"], "--n-jobs"),
+])
+def test_bad_budget_options(extra, field, tmp_path, capsys):
+    """Checked before anything runs, as the task file's budget is; the message names the option."""
+    err = _run(capsys, tmp_path, _task(tmp_path), *extra)
+    assert f"field '{field}'" in err and extra[1] in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_budget_options_of_a_worker(tmp_path, capsys):
+    for extra, field in ([["--n-trials", "0"], "--n-trials"], [["--timeout", "-1"], "--timeout"],
+                         [["--threads", "0"], "--threads"]):
+        code = main(["worker", "--task", str(_task(tmp_path)), "--storage", f"sqlite:///{tmp_path / 'w.db'}",
+                     "--study-name", "s", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and f"field '{field}'" in err, err
+    assert not (tmp_path / "w.db").exists()
 
 
 def test_bad_space_file(tmp_path, capsys):

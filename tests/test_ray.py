@@ -106,6 +106,7 @@ def autoft(args: list[str], env: dict, cwd: Path, timeout: float = 240) -> subpr
 
 def test_ray_sweep_through_address(ray_cluster, tmp_path):
     address, env = ray_cluster
+    env = {**env, "AUTOFT_STATE_DIR": str(tmp_path / "state")}  # where the Tune experiment is kept
     results = tmp_path / "results"
     args = ["search", "--task", "digits", "--backend", "ray", "--address", address, "--n-trials", "6",
             "--results-dir", str(results), "--set", "epochs=3", "--set", "unfreeze=[0, 1]",
@@ -136,7 +137,10 @@ def test_ray_sweep_through_address(ray_cluster, tmp_path):
     best = yaml.safe_load((study_dir / "best.yaml").read_text())
     assert best["validation_score"] == pytest.approx(done.score.max())
     assert best["config"]["backbone"] == "resnet20" and best["config"]["epochs"] == 3
-    assert (study_dir / "ray" / "tune").is_dir()  # the Tune experiment, for Tuner.restore
+    # the Tune experiment (pickles, for Tuner.restore) is kept in autoft's state folder, not in the results
+    assert not (study_dir / "ray").exists()
+    kept = list((tmp_path / "state" / "ray").glob("*/tune"))
+    assert len(kept) == 1 and (kept[0] / "tuner.pkl").is_file(), kept
 
     # the same command again restores the finished experiment and adds nothing
     t1 = time.perf_counter()
@@ -148,3 +152,76 @@ def test_ray_sweep_through_address(ray_cluster, tmp_path):
     shown = autoft(["show", "--task", "digits", "--results-dir", str(results)], env, tmp_path)
     assert "6 trials" in shown.stdout
     print(f"ray sweep of 6 trials through {address}: {took:.1f}s")
+
+
+# -- security: what the Ray engine trusts ------------------------------------------------------------
+def _request(results: Path, study: str = "default"):
+    from autoft.engines.common import SearchRequest
+    from autoft.task import load_task
+
+    return SearchRequest(task=load_task("digits"), space=None, study_name=study, results_dir=results)
+
+
+def test_ray_experiment_state_is_not_read_from_the_results_folder(tmp_path, monkeypatch):
+    """Tuner.restore unpickles the experiment: it is kept where only autoft writes, keyed by the study folder."""
+    from autoft.engines.ray_engine import experiment_path
+
+    monkeypatch.setenv("AUTOFT_STATE_DIR", str(tmp_path / "state"))
+    results = tmp_path / "results"
+    path = experiment_path(_request(results))
+    assert not path.resolve().is_relative_to(results.resolve())
+    assert path.is_relative_to((tmp_path / "state").resolve())
+    assert experiment_path(_request(results)) == path  # the same study finds its experiment again
+    assert experiment_path(_request(tmp_path / "other")) != path  # another results folder does not
+    assert experiment_path(_request(results, "s2")) != path
+
+
+def test_an_experiment_inside_a_results_folder_is_not_restored(tmp_path, monkeypatch):
+    """A Tune experiment found in the results folder (earlier versions kept it there; or a folder from
+    elsewhere) is never restored: the search stops and says how to trust it, before Ray starts."""
+    from autoft.engines.ray_engine import experiment_path, run_ray, untrusted_experiment
+    from autoft.errors import ConfigError
+
+    monkeypatch.setenv("AUTOFT_STATE_DIR", str(tmp_path / "state"))
+    req = _request(tmp_path / "results")
+    legacy = req.study_dir / "ray" / "tune"
+    legacy.mkdir(parents=True)
+    (legacy / "tuner.pkl").write_bytes(b"not for us")
+    assert untrusted_experiment(req) == legacy
+    with pytest.raises(ConfigError) as err:
+        run_ray(req)
+    msg = str(err.value)
+    assert "not resumed" in msg and str(legacy) in msg and str(experiment_path(req)) in msg
+
+
+def _fake_ray(monkeypatch) -> list:
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    return calls
+
+
+@pytest.mark.parametrize("mode, warned", [(None, True), ("disabled", True), ("token", False)])
+def test_joining_a_cluster_without_token_authentication_warns(mode, warned, monkeypatch, caplog, tmp_path):
+    from autoft.engines.ray_engine import _init_ray
+
+    calls = _fake_ray(monkeypatch)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    if mode:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    caplog.set_level("WARNING")
+    assert _init_ray("10.0.0.7:6379", _request(tmp_path)) is True
+    assert calls and calls[0]["address"] == "10.0.0.7:6379"
+    assert ("RAY_AUTH_MODE=token" in caplog.text) is warned, caplog.text
+
+
+def test_a_local_ray_needs_no_token_warning(monkeypatch, caplog, tmp_path):
+    from autoft.engines.ray_engine import _init_ray
+
+    _fake_ray(monkeypatch)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    caplog.set_level("WARNING")
+    _init_ray(None, _request(tmp_path))
+    assert "RAY_AUTH_MODE" not in caplog.text

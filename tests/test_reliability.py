@@ -178,3 +178,73 @@ def test_heartbeat_retry_is_not_taken_for_an_orphan_of_the_dead_worker(tmp_path)
     assert picked.number == retry[0].number
     assert recover_interrupted(study) == []
     assert study._storage.get_trial(picked._trial_id).state == optuna.trial.TrialState.RUNNING
+
+
+def test_budget_taken_by_another_process_is_not_a_failure(tmp_path, capsys):
+    """Two searches started together on a new study: the one that finds the budget held by the other's
+    running trial says so and exits 0 (nothing failed)."""
+    (tmp_path / "digits").mkdir()
+    study = optuna.create_study(study_name="default", storage=f"sqlite:///{tmp_path / 'digits' / 'optuna.db'}",
+                                direction="maximize")
+    other = study.ask()  # the other process's trial, running on another machine
+    other.set_user_attr("worker", "another-host:4242")
+    code = main(["search", *ARGS, "--no-rank", "--results-dir", str(tmp_path), "--n-trials", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "budget was taken by another process" in out and "every trial" not in out + err
+    trials = _study(tmp_path).get_trials()
+    assert not [t for t in trials if t.state.name == "FAIL"]
+
+
+def test_malformed_attributes_of_a_shared_study_are_skipped(tmp_path, caplog):
+    """Attributes another (older, buggy or hostile) process left in a shared study: a worker id without a
+    pid, a retry_of that is no number, a config that no longer validates or is no mapping, a ranking that
+    is no list of scores. Each is skipped with a warning naming the trial and the attribute."""
+    import socket
+
+    from optuna.trial import TrialState, create_trial
+
+    (tmp_path / "digits").mkdir()
+    study = optuna.create_study(study_name="default", storage=f"sqlite:///{tmp_path / 'digits' / 'optuna.db'}",
+                                direction="maximize")
+    orphan = study.ask()  # trial 0: running, "worker" without a pid
+    orphan.set_user_attr("worker", socket.gethostname())
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.99,  # trial 1: the best, config invalid
+                                 user_attrs={"config": {"backbone": "resnet20", "lr": "fast"}}))
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5,  # trial 2
+                                 user_attrs={"config": "not a mapping", "retry_of": "seven", "metrics": [1, 2]}))
+    study.set_user_attr("ranking", ["junk", {"backbone": 3}])
+    caplog.set_level("WARNING")
+    # trial 0 holds a slot of the budget while it runs (its worker may be alive elsewhere): 4 = 1 + 2 + 1 new
+    code = main(["search", "--task", "digits", "--backbones", "resnet20", "--set", "epochs=1", "--set", "unfreeze=0",
+                 "--pruner", "none", "--results-dir", str(tmp_path), "--n-trials", "4"])
+    assert code == 0
+    warned = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    for part in ("trial 0: attribute 'worker'", "trial 1: attribute 'config'", "final check is skipped",
+                 "trial 2: attribute 'retry_of'", "trial 2: attribute 'config'", "attribute 'ranking'"):
+        assert part in warned, warned
+    assert "could not draw plots" not in warned
+    df = pd.read_csv(tmp_path / "digits" / "default" / "trials.csv")
+    assert len(df) == 4 and (df.state == "complete").sum() == 3
+    assert count_finished(_study(tmp_path)) == 3
+
+
+def test_a_new_process_does_not_sample_the_configuration_already_tried(tmp_path):
+    """--extend (or a resume) opens the study with a new sampler: seeded only by the task, it would start
+    its sequence again and propose trial 0's configuration a second time."""
+    from autoft.engines.common import build_request
+    from autoft.engines.optuna_engine import create_study
+    from autoft.task import load_task
+
+    req = build_request(load_task("digits"), overrides={"backbone": ["resnet20"], "epochs": 1},
+                        results_dir=tmp_path, n_trials=1, extend=True)
+
+    def one_trial_in_a_new_process() -> dict:
+        study = create_study(req)
+        trial = study.ask()
+        req.space.sample(trial, req.fixed)
+        study.tell(trial, 0.5)
+        return trial.params
+
+    first, second = one_trial_in_a_new_process(), one_trial_in_a_new_process()
+    assert first != second

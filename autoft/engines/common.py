@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from autoft.space import SearchSpace, load_space
+from autoft.study.names import ensure_inside, validate_name
+from autoft.study.storage import redact_url
 from autoft.task import Task
 
 # user attributes every finished trial carries (both engines write them)
@@ -30,7 +32,7 @@ class SearchRequest:
     space: SearchSpace
     study_name: str = "default"
     results_dir: Path = Path("results")
-    storage: str | None = None
+    storage: str | None = field(default=None, repr=False)  # may hold a password: shown only through redact_url
     n_trials: int | None = None
     timeout: float | None = None
     n_jobs: int = 1
@@ -39,17 +41,33 @@ class SearchRequest:
     extend: bool = False
     fixed: dict[str, Any] = field(default_factory=dict)  # values every trial gets (epochs, seed)
 
+    def __post_init__(self) -> None:
+        # both become folders under results_dir: no '..', no absolute path, no separator
+        validate_name(self.task.name, "name", file=self.task.file)
+        validate_name(self.study_name, "study_name")
+        self.results_dir = Path(self.results_dir)
+
+    def __repr__(self) -> str:
+        return (f"SearchRequest(task={self.task.name!r}, study_name={self.study_name!r}, "
+                f"results_dir={str(self.results_dir)!r}, storage={redact_url(self.storage)!r})")
+
     @property
     def study_dir(self) -> Path:
-        return self.results_dir / self.task.name / self.study_name
+        """``<results_dir>/<task>/<study>``; a :class:`ConfigError` if it resolves outside ``results_dir``."""
+        return ensure_inside(self.results_dir / self.task.name / self.study_name, self.results_dir, "study_name")
 
     @property
     def storage_url(self) -> str:
         if self.storage:
             return self.storage
-        path = (self.results_dir / self.task.name / "optuna.db").resolve()
+        path = ensure_inside(self.results_dir / self.task.name / "optuna.db", self.results_dir, "storage").resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
+
+    @property
+    def shown_storage(self) -> str:
+        """The storage URL as it may be printed or written: password hidden."""
+        return redact_url(self.storage) if self.storage else self.storage_url
 
     @property
     def budget(self) -> int:

@@ -7,20 +7,22 @@ started again runs only what is missing.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import socket
 import warnings
+import zlib
 from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
 
 from autoft.core import FeatureCache, TaskData, fine_tune_and_score
-from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_RETRY_OF,
-                                   ATTR_SECONDS, SearchRequest, first_rung, max_epochs)
+from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_RANKING,
+                                   ATTR_RETRY_OF, ATTR_SECONDS, SearchRequest, first_rung, max_epochs)
 from autoft.errors import ConfigError
+from autoft.study.storage import (RUN_ATTRS, RetryStaleTrial, _retrying, open_storage,  # noqa: F401 (re-exported)
+                                  postgres_driver, warn_malformed)
 
 log = logging.getLogger(__name__)
 # heartbeats, grouped TPE and the retry callback are marked experimental; we rely on them knowingly
@@ -57,83 +59,8 @@ def make_pruner(name: str, max_resource: int, first: int = 1) -> optuna.pruners.
                       field="pruner")
 
 
-def postgres_driver(url: str) -> str:
-    """``postgresql://`` with the PostgreSQL driver that is installed (SQLAlchemy 2.1 assumes psycopg 3,
-    earlier versions psycopg2; ``pip install autoft[postgres]`` brings psycopg2)."""
-    import importlib.util
-
-    if url.startswith(("postgresql://", "postgres://")) and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
-
-
-class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
-    """Optuna's heartbeat retry, without the dead run's bookkeeping in the queued copy.
-
-    Optuna copies every user attribute of the stale trial into its retry, including ``worker`` (the
-    dead process): until the worker that picks the retry up records itself, another worker starting
-    :func:`recover_interrupted` would take the retry for an orphan of that dead process and fail it."""
-
-    def __call__(self, study: optuna.Study, trial) -> None:
-        trial = copy.copy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
-                            if k not in (ATTR_WORKER, ATTR_FAIL, ATTR_INTERRUPTED)}
-        super().__call__(study, trial)
-
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``: RDB (sqlite://, postgresql://, ...) with heartbeats, or a journal file."""
-    if url.startswith(("journal:", "file:")) or url.endswith((".log", ".journal")):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = url.split(":", 1)[1] if url.startswith(("journal:", "file:")) else url
-        return optuna.storages.JournalStorage(JournalFileBackend(path))
-    kwargs = {}
-    url = postgres_driver(url)
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    storage = _retrying(lambda: optuna.storages.RDBStorage(
-        url, heartbeat_interval=10, grace_period=30,
-        heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=1), **kwargs))
-    if url.startswith("sqlite") and ":memory:" not in url:
-        _fast_sqlite(storage.engine)
-    return storage
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer; one fsync per checkpoint
-    cur.execute("PRAGMA synchronous=NORMAL")  # safe in WAL: a crashed process loses nothing committed
-    cur.close()
-
-
-def _fast_sqlite(engine) -> None:
-    """Write-ahead log for a SQLite study: every trial makes a few dozen small commits (parameters,
-    attributes, one report per epoch), and with SQLite's default rollback journal each one waits for
-    two fsyncs. WAL with synchronous=NORMAL keeps the database consistent when a process is killed
-    (only an OS crash or power loss can drop the last commits) and lets workers on the same machine
-    read while one writes. (WAL needs a local file system, as SQLite with several processes does anyway.)"""
-    import sqlalchemy
-
-    sqlalchemy.event.listen(engine, "connect", _sqlite_pragmas)
-    engine.dispose()  # connections opened while creating the schema are reopened with the pragmas
-
-
-def _retrying(fn, attempts: int = 8):
-    """Run ``fn``, retrying when several processes race to create the same schema or study."""
-    import random
-    import time
-
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    for i in range(attempts):
-        try:
-            return fn()
-        except (IntegrityError, OperationalError, optuna.exceptions.DuplicatedStudyError):
-            if i == attempts - 1:
-                raise
-            time.sleep(0.2 + random.random() * 0.5 * (i + 1))
+# the storage opener moved to autoft.study.storage; these names stay for existing callers
+make_storage = open_storage
 
 
 class TPESampler(optuna.samplers.TPESampler):
@@ -166,17 +93,32 @@ def create_study(req: SearchRequest, storage=None, n_train: int | None = None) -
     # constant liar (running trials count as bad ones) only when trials run side by side: it makes
     # every suggestion re-read the study from storage instead of using the trial's cached copy
     parallel = req.n_jobs > 1 or req.shared
-    sampler = TPESampler(seed=req.task.seed, n_startup_trials=8, multivariate=True, group=True,
-                         constant_liar=parallel)
+    def sampler(seed: int) -> TPESampler:
+        return TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True, constant_liar=parallel)
+
     top = max_epochs(req.space, req.task)
     pruner = make_pruner(req.pruner or req.task.pruner, top, 1 if n_train is None else first_rung(n_train, top))
-    storage = storage or make_storage(req.storage_url)
-    return _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage, sampler=sampler,
-                                                 pruner=pruner, direction=req.task.direction, load_if_exists=True))
+    storage = storage or open_storage(req.storage_url)
+    study = _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage,
+                                                  sampler=sampler(req.task.seed), pruner=pruner,
+                                                  direction=req.task.direction, load_if_exists=True))
+    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    if finished:  # a resumed or extended study: a sampler seeded as the first run would propose its trials again
+        study.sampler = sampler(sampler_seed(req.task.seed, finished))
+    return study
+
+
+def sampler_seed(task_seed: int, finished: int) -> int:
+    """The sampler's seed for a study that already has ``finished`` trials: the task's seed for a new
+    study (reproducible), mixed with the number of finished trials when it resumes."""
+    if not finished:
+        return task_seed
+    return zlib.crc32(f"{task_seed}:{finished}".encode()) & 0x7FFFFFFF
 
 
 ATTR_WORKER = "worker"  # "host:pid" of the process running the trial
 ATTR_INTERRUPTED = "interrupted"  # the trial was cut short by Ctrl-C or a dead worker; it is retried
+assert set(RUN_ATTRS) == {ATTR_WORKER, ATTR_FAIL, ATTR_INTERRUPTED}  # what a heartbeat retry drops
 ATTR_SURPLUS = "surplus"  # started after the budget was already taken by other workers; never ran
 
 
@@ -188,11 +130,34 @@ def _retried_numbers(trials) -> set[int]:
     """Numbers of trials that another trial retries (ours, or Optuna's heartbeat retry)."""
     out = set()
     for t in trials:
-        if ATTR_RETRY_OF in t.user_attrs:
-            out.add(int(t.user_attrs[ATTR_RETRY_OF]))
-        if "failed_trial" in t.system_attrs:
-            out.add(int(t.system_attrs["failed_trial"]))
+        for attrs, name in ((t.user_attrs, ATTR_RETRY_OF), (t.system_attrs, "failed_trial")):
+            if name in attrs:
+                number = _trial_number(attrs[name])
+                if number is None:
+                    warn_malformed(t.number, name, attrs[name], "the trial it names is not known as retried")
+                else:
+                    out.add(number)
     return out
+
+
+def _trial_number(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def parse_worker(value) -> tuple[str, int] | None:
+    """``(host, pid)`` of a ``worker`` attribute ("host:pid"), or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    host, sep, pid = value.rpartition(":")
+    if not sep or not host or not pid.isdigit():
+        return None
+    return host, int(pid)
 
 
 def counted_trials(study: optuna.Study, trials: list | None = None) -> list:
@@ -255,9 +220,16 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     storage = study._storage
     out = []
     for t in trials:
-        w = str(t.user_attrs.get(ATTR_WORKER, ""))
-        if t.state == TrialState.RUNNING and w.rsplit(":", 1)[0] == host:
-            pid = int(w.rsplit(":", 1)[1])
+        w = t.user_attrs.get(ATTR_WORKER)
+        if t.state == TrialState.RUNNING and w is not None:
+            parsed = parse_worker(w)
+            if parsed is None:
+                warn_malformed(t.number, ATTR_WORKER, w, "not recovered here (the storage heartbeat fails it "
+                                                        "if its worker is gone)")
+                continue
+            if parsed[0] != host:
+                continue
+            pid = parsed[1]
             if pid == os.getpid() or _pid_alive(pid):
                 continue
             try:
@@ -277,6 +249,15 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
         out.append(t.number)
         log.warning("trial %d was interrupted; its configuration is queued again", t.number)
     return out
+
+
+def usable_ranking(study: optuna.Study) -> bool:
+    """False (with a warning) when the study's recorded ranking is malformed: the search then goes on
+    without it (the ranking is advisory)."""
+    from autoft.results.tables import clean_ranking
+
+    recorded = study.user_attrs.get(ATTR_RANKING)
+    return recorded is None or clean_ranking(recorded) is not None
 
 
 def log_failures(study: optuna.Study, trial) -> None:
@@ -344,7 +325,7 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
         log.info("study '%s' already has %d finished trials (budget %d)", req.study_name, done, budget)
         return study
     cache = cache or FeatureCache()
-    if rank is not False:  # rank the backbones on frozen features; try the best first (advisory)
+    if rank is not False and usable_ranking(study):  # rank the backbones on frozen features; try the best first
         from autoft.rank import RankPolicy, apply_ranking
 
         apply_ranking(study, req, task_data, cache, rank if isinstance(rank, RankPolicy) else RankPolicy())

@@ -10,8 +10,12 @@
 * the task's data is put in Ray's object store once (``tune.with_parameters``), not pickled per trial;
   each worker process keeps one :class:`FeatureCache` (actors are reused), so frozen-prefix features
   are computed once per worker and backbone, not once per trial;
-* the experiment lives in ``results/<task>/<study>/ray/tune``; running the same command again
-  resumes an interrupted sweep with ``Tuner.restore``;
+* the experiment lives in autoft's state folder (:func:`autoft.study.study_state_dir`:
+  ``~/.local/state/autoft/ray/<task>-<study>-<hash of the results folder>/tune``), not in the results
+  folder: ``Tuner.restore`` unpickles it, and a results folder may come from elsewhere.  Running the
+  same command again resumes an interrupted sweep from there;
+* joining a cluster (``--address``) without token authentication (``RAY_AUTH_MODE=token``) logs a
+  warning: anyone who reaches such a cluster's ports runs code on it;
 * at the end every finished Ray trial is written into an Optuna study in the normal storage
   (params, distributions, per-epoch values, the same user attributes as the Optuna engine;
   ASHA-stopped trials as PRUNED, errors as FAIL with their reason), so ``report``, ``show`` and
@@ -37,13 +41,14 @@ from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
 from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_HISTORY, ATTR_METRICS,
                                    ATTR_RANKING, ATTR_SECONDS, SearchRequest, first_rung, max_epochs)
 from autoft.errors import ConfigError
+from autoft.study.storage import make_private_dir, study_state_dir, warn_malformed
 
 log = logging.getLogger(__name__)
 
 METRIC = "score"  # the key every report carries: the task's metric on the validation split
 ATTR_RAY_TRIAL = "ray_trial_id"  # user attribute linking an Optuna trial to its Ray trial
 ATTR_FIRST_TRIALS = "first_trials"  # study user attribute: the configurations a Ray sweep started with
-EXPERIMENT = "tune"  # experiment name under results/<task>/<study>/ray/
+EXPERIMENT = "tune"  # experiment name under the study's state folder (and, before, results/<task>/<study>/ray/)
 # environment passed on to the trials (weights and caches are looked up on the worker)
 FORWARDED_ENV = ("AUTOFT_HOME", "AUTOFT_OFFLINE", "AUTOFT_CACHE_DIR", "AUTOFT_CACHE_MAX_GB", "TORCH_HOME", "HF_HOME",
                  "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -151,7 +156,30 @@ def make_scheduler(name: str | None, max_t: int, mode: str, first: int = 1):
 
 
 def experiment_path(req: SearchRequest) -> Path:
-    return (req.study_dir / "ray").resolve() / EXPERIMENT
+    """Where the Tune experiment of ``req`` is kept: autoft's per-user state folder, keyed by the resolved
+    study folder, never the results folder (restoring an experiment unpickles its files)."""
+    return study_state_dir(req.study_dir, "ray") / EXPERIMENT
+
+
+def untrusted_experiment(req: SearchRequest) -> Path | None:
+    """A Tune experiment inside the results folder (where earlier versions kept it), if there is one."""
+    legacy = req.study_dir / "ray" / EXPERIMENT
+    return legacy if legacy.is_dir() else None
+
+
+def token_auth_warning(address: str) -> str | None:
+    """Why joining the cluster at ``address`` is unsafe, or None: Ray authenticates a client with a token
+    only when ``RAY_AUTH_MODE=token`` (for an explicit address it never turns it on by itself)."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode == "token":
+        return None
+    if address == "auto" and not mode and (os.environ.get("RAY_AUTH_TOKEN") or Path(
+            os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser().is_file()):
+        return None  # a local cluster found automatically with a token at hand: Ray enables token auth
+    return (f"joining the Ray cluster at {address} without token authentication (RAY_AUTH_MODE is "
+            f"{repr(mode) if mode else 'not set'}): anyone who can reach the cluster's ports can run code on its "
+            "nodes and read the task's data. Start the cluster and this command with RAY_AUTH_MODE=token and the "
+            "same RAY_AUTH_TOKEN (docs/scaling.md)")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -175,6 +203,9 @@ def _init_ray(address: str | None, req: SearchRequest) -> bool:
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if address:
+        warning = token_auth_warning(address)
+        if warning:
+            log.warning(warning)
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
@@ -208,6 +239,14 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
     if task.device.startswith("cuda") and gpus_per_trial == 0:
         raise ConfigError(f"task '{task.name}' asks for device {task.device}: pass --gpus-per-trial "
                           "(a fraction such as 0.5 shares a GPU between trials)", field="device")
+    path = experiment_path(req)
+    legacy = untrusted_experiment(req)
+    if legacy is not None and not tune.Tuner.can_restore(path):
+        raise ConfigError(f"the results folder holds a Ray Tune experiment ({legacy}), written by an earlier autoft "
+                          "or copied from elsewhere; it is not resumed: resuming unpickles its files, which can run "
+                          f"code. autoft now keeps experiments in {path}. If you trust this results folder, move "
+                          f"{legacy} to {path} and run the same command again; otherwise delete it, or start a new "
+                          "sweep with another --study-name")
     task_data = task_data or task.prepare()
 
     import ray
@@ -216,7 +255,7 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
     try:
         _check_resources(cpus_per_trial, gpus_per_trial, local=not address)
         mode = "min" if task.direction == "minimize" else "max"
-        path = experiment_path(req)
+        make_private_dir(path.parent)  # this user's only: Tuner.restore reads it back
         resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
         fn = tune.with_resources(
             tune.with_parameters(trainable, task_data=task_data, threads=max(1, int(round(cpus_per_trial)))),
@@ -309,6 +348,9 @@ def to_optuna(req: SearchRequest, path: Path) -> optuna.Study:
     analysis = tune.ExperimentAnalysis(str(path))
     frames = analysis.trial_dataframes
     first = study.user_attrs.get(ATTR_FIRST_TRIALS) or []
+    if not isinstance(first, list) or not all(isinstance(e, dict) for e in first):
+        warn_malformed(None, ATTR_FIRST_TRIALS, first, "no trial is marked as a first trial")
+        first = []
     frozen = [_frozen_trial(req, t, frames.get(t.trial_id), first) for t in analysis.trials if t.trial_id not in have]
     unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:

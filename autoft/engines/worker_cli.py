@@ -62,35 +62,34 @@ def worker_seed(task_seed: int) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from autoft.cli import _task_and_study, check_budget_options, check_paths
     from autoft.console import make_console
     from autoft.core import FeatureCache
     from autoft.engines.common import build_request, parse_overrides
-    from autoft.engines.optuna_engine import count_finished, run_study, worker_id
-    from autoft.errors import ConfigError
+    from autoft.engines.optuna_engine import count_finished, create_study, run_study, worker_id
     from autoft.results.tables import trial_origin
-    from autoft.task import load_task
+    from autoft.study import open_storage
 
-    if args.n_trials is not None and args.n_trials < 1:
-        raise ConfigError(f"--n-trials must be at least 1, got {args.n_trials}")
+    check_budget_options(args)  # --n-trials, --timeout, --threads
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
-    task = load_task(args.task)
+    task, _ = _task_and_study(args)
     req = build_request(task, space_path=args.space, overrides=parse_overrides(args.set),
                         backbones=args.backbones.split(",") if args.backbones else None,
                         study_name=args.study_name, results_dir=Path(args.results_dir), storage=args.storage,
                         n_trials=args.n_trials, timeout=args.timeout, n_jobs=1, pruner=args.pruner,
                         shared=True)
+    check_paths(req)
+    storage = open_storage(req.storage_url)  # fails now (URL redacted) if it cannot be opened
     # the trials keep the task's seed (req.fixed); only this worker's sampler gets a seed of its own
     req.task = task.model_copy(update={"seed": worker_seed(task.seed)})
     console = make_console()
     me = worker_id()
     task_data = task.prepare()
     console.print(f"[bold]autoft worker[/] {me} · task [cyan]{task.name}[/] · study '{req.study_name}' in "
-                  f"{_redact(req.storage_url)} · budget {req.budget} trials (whole study) · "
+                  f"{req.shown_storage} · budget {req.budget} trials (whole study) · "
                   f"torch threads {_threads()}")
     mine: list[int] = []
 
@@ -105,7 +104,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                       f"{count_finished(study)}/{req.budget}")
 
     t0 = time.perf_counter()
-    study = run_study(req, task_data=task_data, callbacks=[progress], cache=FeatureCache())
+    study = run_study(req, task_data=task_data, callbacks=[progress], cache=FeatureCache(),
+                      study=create_study(req, storage=storage, n_train=len(task_data.splits.train)))
     done = count_finished(study)
     console.print(f"{me} ran {len(mine)} trial(s) in {time.perf_counter() - t0:.1f}s; study '{req.study_name}' "
                   f"has {done}/{req.budget} finished trials")
@@ -113,7 +113,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from autoft.results import write_report
 
         try:
-            rep = write_report(study, task, req.study_dir, space_file=req.space.file)
+            rep = write_report(study, task, req.study_dir, space_file=req.space.file, root=req.results_dir)
         except OSError as exc:  # another worker finishing at the same moment writes the same files
             log.warning("could not write the report (%s); 'autoft report' writes it again", exc)
         else:
@@ -125,15 +125,3 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a storage URL before printing it."""
-    from sqlalchemy.engine import make_url
-
-    if "://" not in url or url.startswith("journal:"):
-        return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]

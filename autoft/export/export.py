@@ -115,15 +115,15 @@ def open_study(task: Task, study_name: str = "default", results_dir: str | Path 
                               f"'autoft search --task {task.name} --results-dir {results_dir}' first "
                               "(or pass --results-dir / --storage)")
     req = SearchRequest(task=task, space=None, study_name=study_name, results_dir=results_dir, storage=storage)
-    from autoft.engines.optuna_engine import make_storage
+    from autoft.study import open_storage
 
-    store = make_storage(req.storage_url)
+    store = open_storage(req.storage_url)  # StorageError naming the URL, password hidden
     try:
         return optuna.load_study(study_name=study_name, storage=store)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
         raise ConfigError(f"no study '{study_name}'{did_you_mean(study_name, names)} for task '{task.name}' "
-                          f"in {req.storage_url}; studies there: {', '.join(names) or 'none'}") from None
+                          f"in {req.shown_storage}; studies there: {', '.join(names) or 'none'}") from None
 
 
 def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:

@@ -61,7 +61,9 @@ def param_importances(study: optuna.Study, path: Path) -> Path | None:
 def best_per_backbone(lb: pd.DataFrame, metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(lb), 1) + 1.2))
     d = lb.dropna(subset=["best_score"]).iloc[::-1]
-    ax.barh(d.backbone.astype(str), d.best_score, color="tab:green")
+    # a trial without a configuration (failed before sampling, or written by another process) has no backbone
+    names = [("(unknown)" if pd.isna(b) else str(b)) if not isinstance(b, str) else b for b in d.backbone]
+    ax.barh(names, d.best_score, color="tab:green")
     for y, v in enumerate(d.best_score):
         ax.text(v, y, f" {v:.4f}", va="center", fontsize=8)
     ax.set_xlabel(f"best validation {metric}"); ax.set_title("Best score per backbone")

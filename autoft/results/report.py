@@ -31,7 +31,15 @@ class Report:
 
 
 def write_report(study: optuna.Study, task, folder: Path, *, test_metrics: dict | None = None,
-                 space_file: str | None = None, plots: bool = True) -> Report:
+                 space_file: str | None = None, plots: bool = True, root: Path | None = None) -> Report:
+    """Write the result files of ``study`` to ``folder``.  ``root``: the results folder; the resolved
+    ``folder`` and ``folder/plots`` must lie under it (a symbolic link in a results folder received from
+    elsewhere never leads the writes out of it)."""
+    if root is not None:
+        from autoft.study import ensure_inside
+
+        for path in (folder, folder / "plots"):
+            ensure_inside(path, root, "--study-name")
     folder.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     df = trials_table(trials)

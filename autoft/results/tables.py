@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import threading
+import secrets
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,8 +12,9 @@ import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_METRICS, ATTR_RETRY_OF,
-                                   ATTR_SECONDS)
+from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_METRICS, ATTR_RANKING,
+                                   ATTR_RETRY_OF, ATTR_SECONDS)
+from autoft.study.storage import warn_malformed
 
 # the documented columns of trials.csv, in order (config and metric columns follow)
 BASE_COLUMNS = ["number", "state", "score", "backbone", "unfreeze", "epochs_run", "seconds", "fail_reason",
@@ -29,9 +30,45 @@ def trial_origin(t: FrozenTrial) -> str:
     return "first trial" if t.user_attrs.get(ATTR_FIRST_TRIAL) else "sampler"
 
 
+def mapping_attr(t: FrozenTrial, name: str) -> dict:
+    """The trial's user attribute ``name`` if it is a mapping; {} (and a warning) if it is something else."""
+    value = t.user_attrs.get(name)
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    warn_malformed(t.number, name, value, "left out of the tables")
+    return {}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def clean_ranking(recorded) -> list[dict] | None:
+    """The study's ``ranking`` attribute if it is a list of backbone scores; None (and a warning) if it is
+    malformed (written by another process of a shared study): the ranking is then not used."""
+    from dataclasses import fields
+
+    from autoft.rank import BackboneScore
+
+    names = {f.name for f in fields(BackboneScore)}
+
+    def ok(d) -> bool:
+        return (isinstance(d, dict) and set(d) <= names and isinstance(d.get("backbone"), str)
+                and all(d.get(k) is None or _number(d[k]) for k in ("logme", "knn"))
+                and all(_number(d[k]) for k in ("seconds", "feature_seconds", "examples", "feature_dim") if k in d)
+                and (d.get("error") is None or isinstance(d["error"], str)))
+
+    if isinstance(recorded, list) and all(ok(d) for d in recorded):
+        return recorded
+    warn_malformed(None, ATTR_RANKING, recorded, "the ranking is not used")
+    return None
+
+
 def trial_row(t: FrozenTrial) -> dict:
-    cfg = t.user_attrs.get(ATTR_CONFIG, {}) or {}
-    metrics = t.user_attrs.get(ATTR_METRICS, {}) or {}
+    cfg = mapping_attr(t, ATTR_CONFIG)
+    metrics = mapping_attr(t, ATTR_METRICS)
     row = {
         "number": t.number,
         "state": t.state.name.lower(),
@@ -83,6 +120,7 @@ def leaderboard(df: pd.DataFrame, direction: str = "maximize", ranking: list[dic
                      "best_trial": None if best is None else int(best.number),
                      "best_unfreeze": None if best is None else best.unfreeze})
     lb = pd.DataFrame(rows)
+    ranking = clean_ranking(ranking) if ranking else None
     for col in ("best_trial", "best_unfreeze"):  # integers, blank for a backbone with no completed trial
         lb[col] = pd.array([None if pd.isna(v) else int(v) for v in lb[col]], dtype="Int64")
     if ranking:
@@ -143,10 +181,13 @@ def best_document(study: optuna.Study, task, trial: FrozenTrial | None = None, t
 def atomic_path(path: Path):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step.
 
-    The temporary name is unique per process, so several workers may write the same file.
+    The temporary name is unique (several workers may write the same file) and created here, new
+    (``O_EXCL``): a link planted under a guessable name in a results folder from elsewhere is never
+    written through; the rename replaces a link at ``path`` itself, not what it points to.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         tmp.replace(path)
