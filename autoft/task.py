@@ -19,6 +19,7 @@ from autoft.core.metrics import ALL as METRICS
 from autoft.core.metrics import BINARY_ONLY, MINIMIZE
 from autoft.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
 from autoft.errors import ConfigError, did_you_mean
+from autoft.study.names import NAME_PATTERN
 
 # built-in task files and search spaces are package data: found the same way from a wheel and a checkout
 BUILTIN = Path(__file__).resolve().parent / "builtin"
@@ -68,7 +69,7 @@ class BudgetSpec(_Model):
 
 class Task(_Model):
     # a folder name under the results folder: no separators, and no leading dot ('.', '..', hidden)
-    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$", max_length=128)
+    name: str = Field(pattern=rf"^{NAME_PATTERN.pattern}$")
     modality: Literal["image", "text"]
     data: DataSpec
     metric: str = "accuracy"
@@ -81,6 +82,7 @@ class Task(_Model):
     seed: int = 0
     device: str = "cpu"
     description: str = ""
+    track: str | None = Field(None, description="MLflow tracking URI: every search of this task is recorded there")
 
     # where the file was read from (not a field of the file)
     _file: Path | None = None
