@@ -43,100 +43,17 @@ def check_paths(req) -> None:
 
 def check_budget_options(args) -> None:
     """``--n-trials``, ``--timeout``, ``--n-jobs`` and ``--threads`` as the task file checks its budget."""
-    from autoft.errors import ConfigError
+    from autoft.api import validate_budget_options
 
-    if getattr(args, "n_trials", None) is not None and args.n_trials < 1:
-        raise ConfigError(f"the study's trial budget must be at least 1, got {args.n_trials}", field="--n-trials")
-    if getattr(args, "timeout", None) is not None and not args.timeout > 0:  # also rejects nan
-        raise ConfigError(f"expected a number of seconds above 0, got {args.timeout:g}", field="--timeout")
-    if getattr(args, "n_jobs", None) is not None and args.n_jobs < 1:
-        raise ConfigError(f"expected at least 1 parallel trial, got {args.n_jobs}", field="--n-jobs")
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        raise ConfigError(f"expected at least 1 torch thread, got {args.threads}", field="--threads")
+    validate_budget_options(n_trials=getattr(args, "n_trials", None), timeout=getattr(args, "timeout", None),
+                            n_jobs=getattr(args, "n_jobs", None), threads=getattr(args, "threads", None))
 
 
 def _open_study(args, task):
-    import optuna
+    from autoft.study import StudyLocation
 
-    from autoft.engines.common import SearchRequest
-    from autoft.errors import ConfigError
-    from autoft.study import open_storage
-
-    req = SearchRequest(task=task, space=None, study_name=args.study_name, results_dir=Path(args.results_dir),
-                        storage=args.storage)
-    check_paths(req)
-    storage = open_storage(req.storage_url)
-    try:
-        return req, optuna.load_study(study_name=args.study_name, storage=storage)
-    except KeyError:
-        raise ConfigError(f"no study '{args.study_name}' for task '{task.name}' in {req.shown_storage}; "
-                          f"run 'autoft search --task {args.task}' first (or pass --study-name / --storage)") from None
-
-
-def trial_config(trial, purpose: str):
-    """The trial's configuration as a TrialConfig, or None (and a warning naming the trial) when its
-    ``config`` attribute does not validate (a shared study may hold one written by another version)."""
-    from autoft.core.config import TrialConfig
-    from autoft.engines.common import ATTR_CONFIG
-    from autoft.study.storage import warn_malformed
-
-    doc = trial.user_attrs.get(ATTR_CONFIG)
-    try:
-        return TrialConfig(**doc)
-    except (TypeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warn_malformed(trial.number, ATTR_CONFIG, doc, f"it does not validate ({reason[:200]}): {purpose}")
-        return None
-
-
-class ProgressView:
-    """A live line on the terminal: trials done / pruned / failed, best so far, elapsed."""
-
-    def __init__(self, total: int, already: int, metric: str, direction: str, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.metric, self.direction = metric, direction
-        self.progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
-                                 transient=False, disable=not console.is_terminal and os.environ.get("AUTOFT_PROGRESS") != "1")
-        self.task_id = self.progress.add_task("", total=total, completed=already)
-        self.console, self.total = console, total
-        self.ran = self.surplus = 0  # trials this process ran / found the budget already taken for
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def __call__(self, study, trial) -> None:
-        from autoft.results.tables import best_trial, state_counts, trial_origin
-
-        if trial.user_attrs.get("surplus"):  # never ran: the budget was taken by other processes
-            self.surplus += 1
-            return
-        self.ran += 1
-        c = state_counts(study.get_trials(deepcopy=False))
-        bt = best_trial(study)
-        bcfg = bt.user_attrs.get("config") if bt else None
-        bb = (bcfg if isinstance(bcfg, dict) else bt.params).get("backbone", "?") if bt else None
-        best = f"best {self.metric} {bt.value:.4f} (#{bt.number}, {bb})" if bt else "no result yet"
-        self.progress.update(self.task_id, completed=c["complete"] + c["pruned"] + c["fail"],
-                             description=f"{c['complete']} complete · {c['pruned']} pruned · {c['fail']} failed · {best}")
-        if self.progress.disable:  # not a terminal (CI log, file, pipe): one plain line per trial
-            state = trial.state.name.lower()
-            val = f"{trial.value:.4f}" if trial.value is not None else "-"
-            epochs = len(trial.intermediate_values)
-            cfg = trial.user_attrs.get("config")
-            cfg = cfg if isinstance(cfg, dict) else trial.params
-            origin = trial_origin(trial)
-            note = {"sampler": "", "first trial": " (first trial: a first_trials recipe of the search space)"}.get(origin, f" ({origin})")
-            self.console.print(f"trial {trial.number} {state}{note}: {self.metric} {val} after {epochs} "
-                               f"epoch{'s' if epochs != 1 else ''} ({cfg.get('backbone', '?')}, unfreeze "
-                               f"{cfg.get('unfreeze', '?')} stages) · {c['complete'] + c['pruned'] + c['fail']}/"
-                               f"{self.total} done: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} "
-                               f"failed · {best}", soft_wrap=True)
+    loc = StudyLocation(task.name, args.study_name, Path(args.results_dir), args.storage, task_file=task.file)
+    return loc, loc.load()
 
 
 def _print_table(console, df, title: str, max_rows: int = 20):
@@ -165,103 +82,67 @@ def _fmt(v) -> str:
 # --------------------------------------------------------------------------------------------
 # commands
 def cmd_search(args) -> int:
-    from autoft.core import FeatureCache, fine_tune_and_score
-    from autoft.engines.common import build_request, parse_overrides
-    from autoft.errors import AutoftError
-    from autoft.results import write_report
-    from autoft.results.tables import best_trial, most_common_failure, state_counts
-    from autoft.study import open_storage
+    """``autoft search``: parse, call :func:`autoft.api.search`, print. The use case lives in the API."""
+    from autoft.api import NoTrialCompleted, search
+    from autoft.console import SearchProgress
+    from autoft.engines.base import parse_overrides
 
     check_budget_options(args)
     task, _ = _task_and_study(args)
-    req = build_request(task, space_path=args.space, overrides=parse_overrides(args.set),
-                        backbones=args.backbones.split(",") if args.backbones else None,
-                        study_name=args.study_name, results_dir=Path(args.results_dir), storage=args.storage,
-                        n_trials=args.n_trials, timeout=args.timeout, n_jobs=args.n_jobs, pruner=args.pruner,
-                        extend=args.extend)
-    check_paths(req)
-    storage = open_storage(req.storage_url)  # a storage that cannot be opened fails now, not after the data is read
     console = _console()
-    task_data = task.prepare()
-    sizes = task_data.splits.sizes()
-    console.print(f"[bold]autoft search[/] task [cyan]{task.name}[/] · {len(task_data.data)} examples "
-                  f"(train {sizes['train']}, val {sizes['val']}, test {sizes['test']}) · "
-                  f"{task_data.data.num_classes} classes · metric {task.metric} · backbones "
-                  f"{', '.join(req.space.backbones)}")
-    console.print(f"study '{req.study_name}' in {req.shown_storage} · budget {req.budget} trials"
-                  + (f", timeout {req.timeout:g}s" if req.timeout else "") + f" · pruner {req.pruner or task.pruner}")
-    if args.backend == "ray":
-        from autoft.engines.ray_engine import run_ray
-
-        study = run_ray(req, task_data=task_data, address=args.address, cpus_per_trial=args.cpus_per_trial,
-                        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-                        rank=False if args.no_rank else None)
-        cache = FeatureCache()
-        interrupted = False  # Ray Tune handles Ctrl-C itself: it saves the experiment (same command resumes)
-        view = None
-    else:
-        from autoft.engines.optuna_engine import count_finished, create_study, run_study
-
-        cache = FeatureCache()
-        study = create_study(req, storage=storage, n_train=len(task_data.splits.train))
-        already = count_finished(study)
-        total = req.budget + (already if req.extend else 0)
-        if already:
-            console.print(f"resuming: {already} finished trial(s) already in the study")
-        t0 = time.perf_counter()
-        interrupted = False
-        with ProgressView(total, min(already, total), task.metric, task.direction, console) as view:
-            try:
-                run_study(req, task_data=task_data, callbacks=[view], cache=cache,
-                          rank=False if args.no_rank else None, study=study)
-            except KeyboardInterrupt:
-                interrupted = True
-        console.print(f"search took {time.perf_counter() - t0:.1f}s")
-    trials = study.get_trials(deepcopy=False)
-    counts = state_counts(trials)
-    bt = best_trial(study)
-    test_metrics = None
-    if bt is not None and not args.no_final_check and not (args.backend != "ray" and interrupted):
-        cfg = trial_config(bt, "the final check is skipped")
-        if cfg is not None:
-            console.print(f"final check: re-fitting trial #{bt.number} and scoring it once on the untouched test split")
-            res = fine_tune_and_score(cfg, task_data, cache=cache, test=True)
-            test_metrics = res.test_metrics
-    rep = write_report(study, task, req.study_dir, test_metrics=test_metrics, space_file=req.space.file,
-                       root=req.results_dir)
-    console.print(f"{counts['complete']} complete · {counts['pruned']} pruned · {counts['fail']} failed "
-                  f"(of {sum(counts.values())} trials in the study)")
-    if bt is None and view is not None and not interrupted and view.ran == 0 and counts["fail"] == 0 \
-            and (counts["running"] or view.surplus):
-        # another process started on the study at the same time and holds its whole budget: nothing failed
-        held = (f"{counts['running']} trial(s) of study '{req.study_name}' run in other processes" if counts["running"]
-                else f"other processes hold the budget of study '{req.study_name}'")
-        console.print(f"the budget was taken by another process: {held} and none is left for this one; nothing "
-                      "ran or failed here. When they end, 'autoft report' (same --task, --study-name, --storage) "
-                      "writes the results")
-        console.print(f"results: {req.study_dir}")
+    view = SearchProgress(console)
+    t0 = time.perf_counter()
+    try:
+        r = search(task, space=args.space, overrides=parse_overrides(args.set),
+                   backbones=args.backbones.split(",") if args.backbones else None, study_name=args.study_name,
+                   results_dir=Path(args.results_dir), storage=args.storage, n_trials=args.n_trials,
+                   timeout=args.timeout, n_jobs=args.n_jobs, pruner=args.pruner, extend=args.extend,
+                   backend=args.backend, address=args.address, cpus_per_trial=args.cpus_per_trial,
+                   gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, rank=not args.no_rank,
+                   final_check=not args.no_final_check, export=args.export, track=args.track, callbacks=[view])
+    except NoTrialCompleted as exc:
+        view.close()
+        _summary(console, exc.result)
+        raise
+    finally:
+        view.close()
+    console.print(f"search took {time.perf_counter() - t0:.1f}s")
+    _summary(console, r)
+    if r.budget_taken:
+        console.print(f"the budget was taken by another process: other processes hold the budget of study "
+                      f"'{r.study.study_name}' and none is left for this one; nothing ran or failed here. When "
+                      "they end, 'autoft report' (same --task, --study-name, --storage) writes the results")
         return 0
-    if bt is None:
-        common = most_common_failure(trials)
-        reason = f"; most common failure ({common[1]}x): {common[0]}" if common else ""
-        console.print(f"[red]no trial completed[/]{reason}")
-        console.print(f"results: {req.study_dir}")
-        if interrupted:
-            return EXIT_INTERRUPTED
-        raise AutoftError(f"every trial of study '{req.study_name}' failed{reason}")
-    best_cfg = bt.user_attrs.get("config")
-    best_cfg = best_cfg if isinstance(best_cfg, dict) else bt.params
-    console.print(f"best: trial #{bt.number} · {best_cfg.get('backbone', '?')} · unfreeze "
-                  f"{best_cfg.get('unfreeze', '?')} · validation {task.metric} [bold]{bt.value:.4f}[/]")
-    if test_metrics:
-        shown = [task.metric] + [m for m in ("accuracy", "f1_macro") if m != task.metric]
-        console.print("test (held out, scored once): " + " · ".join(
-            f"{m} [bold]{test_metrics[m]:.4f}[/]" if m == task.metric else f"{m} {test_metrics[m]:.4f}" for m in shown))
-    console.print(f"results: {req.study_dir} ({', '.join(p.name for p in rep.files)})")
-    if interrupted:
+    if r.interrupted:
         console.print("[yellow]interrupted[/]: finished trials are kept; run the same command to resume")
         return EXIT_INTERRUPTED
     return 0
+
+
+def _summary(console, r) -> None:
+    c = r.counts
+    console.print(f"{c['complete']} complete · {c['pruned']} pruned · {c['fail']} failed "
+                  f"(of {sum(c.values())} trials in the study)")
+    metric = r.task.metric
+    if r.best_trial is None:
+        if c["fail"]:
+            from autoft.results.tables import most_common_failure
+
+            common = most_common_failure(r.study.get_trials(deepcopy=False))
+            console.print("[red]no trial completed[/]" + (f"; most common failure ({common[1]}x): {common[0]}"
+                                                         if common else ""))
+    else:
+        cfg = r.best_config or {}
+        console.print(f"best: trial #{r.best_trial.number} · {cfg.get('backbone', '?')} · unfreeze "
+                      f"{cfg.get('unfreeze', '?')} · validation {metric} [bold]{r.best_value:.4f}[/]")
+    if r.test_metrics:
+        shown = [metric] + [m for m in ("accuracy", "f1_macro") if m != metric and m in r.test_metrics]
+        console.print("test (held out, scored once): " + " · ".join(
+            f"{m} [bold]{r.test_metrics[m]:.4f}[/]" if m == metric else f"{m} {r.test_metrics[m]:.4f}"
+            for m in shown if m in r.test_metrics))
+    if r.export_dir is not None:
+        console.print(f"exported the winner to {r.export_dir}")
+    console.print(f"results: {r.results_dir}" + (f" ({', '.join(p.name for p in r.files)})" if r.files else ""))
 
 
 def cmd_report(args) -> int:
@@ -275,7 +156,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from autoft.engines.common import ATTR_RANKING
+    from autoft.study.record import ATTR_RANKING
     from autoft.results.tables import leaderboard, state_counts, trials_table
 
     task, _ = _task_and_study(args)
@@ -372,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-trial", type=float, default=1.0)
     s.add_argument("--gpus-per-trial", type=float, default=0.0)
     s.add_argument("--max-concurrent", type=int, default=None)
+    s.add_argument("--export", metavar="DIR", help="export the winner to DIR (its refit is the final check)")
+    s.add_argument("--track", metavar="URI", help="record the search in MLflow at URI (default: the task's 'track')")
     s.set_defaults(func=cmd_search)
 
     r = sub.add_parser("report", help="(re)write results files of a study")

@@ -16,3 +16,73 @@ def make_console():
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(highlight=False, width=PIPE_WIDTH)
     return console
+
+
+class SearchProgress:
+    """The ``autoft search`` view of a search's events (:mod:`autoft.events`), under either engine.
+
+    On a terminal a live bar (trials done / pruned / failed, best so far, elapsed); in a log file or a
+    pipe one plain line per finished trial (its state, score, epochs, backbone and origin)."""
+
+    def __init__(self, console=None):
+        self.console = console or make_console()
+        self.progress = None
+        self.counts = {"complete": 0, "pruned": 0, "fail": 0}
+        self.best: tuple[float, str, str] | None = None  # value, key, backbone
+        self.resumed = 0
+
+    # events ------------------------------------------------------------------------------------
+    def on_search_start(self, e) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        s = e.sizes or {}
+        self.metric, self.direction, self.total = e.metric, e.direction, e.budget + (e.resumed if e.extend else 0)
+        self.console.print(f"[bold]autoft search[/] task [cyan]{e.task}[/] · {e.examples} examples (train "
+                           f"{s.get('train')}, val {s.get('val')}, test {s.get('test')}) · {e.classes} classes · "
+                           f"metric {e.metric} · backbones {', '.join(e.backbones)}")
+        self.console.print(f"study '{e.study}' in {e.storage} · engine {e.engine} · device {e.device} · budget "
+                           f"{e.budget} trials" + (f", timeout {e.timeout:g}s" if e.timeout else "")
+                           + f" · pruner {e.pruner}")
+        if e.resumed:
+            self.console.print(f"resuming: {e.resumed} finished trial(s) already in the study")
+        self.resumed = min(e.resumed, self.total)
+        self.progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.description}"), console=self.console, transient=False,
+                                 disable=not self.console.is_terminal and os.environ.get("AUTOFT_PROGRESS") != "1")
+        self.task_id = self.progress.add_task("", total=self.total, completed=self.resumed)
+        self.progress.start()
+
+    def on_trial_end(self, e) -> None:
+        if self.progress is None:
+            return
+        self.counts[e.state] = self.counts.get(e.state, 0) + 1
+        if e.state == "complete" and e.value is not None:
+            better = self.best is None or (e.value > self.best[0] if self.direction == "maximize"
+                                           else e.value < self.best[0])
+            if better:
+                self.best = (e.value, e.number if e.number is not None else e.key, e.config.get("backbone", ""))
+        c = self.counts
+        done = self.resumed + c["complete"] + c["pruned"] + c["fail"]
+        best = (f"best {self.metric} {self.best[0]:.4f} (#{self.best[1]}, {self.best[2]})" if self.best
+                else "no result yet")
+        self.progress.update(self.task_id, completed=done, description=f"{c['complete']} complete · "
+                             f"{c['pruned']} pruned · {c['fail']} failed · {best}")
+        if self.progress.disable:  # not a terminal (CI log, file, pipe): one plain line per trial
+            val = f"{e.value:.4f}" if e.value is not None else "-"
+            origin = e.origin
+            note = {"sampler": "", "first trial": " (first trial: a first_trials recipe of the search space)"}.get(
+                origin, f" ({origin})")
+            why = f" ({e.fail_reason.splitlines()[0][:200]})" if e.state == "fail" and e.fail_reason else ""
+            self.console.print(f"trial {e.number if e.number is not None else e.key} {e.state}{note}{why}: "
+                               f"{self.metric} {val} after {e.epochs} epoch{'s' if e.epochs != 1 else ''} "
+                               f"({e.config.get('backbone', '?')}, unfreeze {e.config.get('unfreeze', '?')} stages) · "
+                               f"{done}/{self.total} done: {c['complete']} complete, {c['pruned']} pruned, "
+                               f"{c['fail']} failed · {best}", soft_wrap=True)
+
+    def on_search_end(self, e) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

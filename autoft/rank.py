@@ -27,7 +27,7 @@ import torch
 from autoft.core.cache import FeatureCache
 from autoft.core.config import TrialConfig
 from autoft.core.train import TaskData
-from autoft.engines.common import ATTR_FIRST_TRIAL, ATTR_RANKING
+from autoft.study.record import ATTR_FIRST_TRIAL, ATTR_RANKING
 from autoft.errors import AutoftError, ConfigError
 from autoft.zoo.base import Backbone
 

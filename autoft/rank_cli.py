@@ -10,7 +10,7 @@ def cmd_rank(args) -> int:
 
     from autoft.console import make_console
     from autoft.core import FeatureCache
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.rank import rank_backbones
     from autoft.task import load_task
 

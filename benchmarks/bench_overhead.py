@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     from autoft.core import FeatureCache
     from autoft.engines import optuna_engine as eng
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.task import load_task
 
     task = load_task(args.task)

@@ -40,13 +40,14 @@ SETS = [x for k, v in FIXED.items() for x in ("--set", f"{k}={v}")]
 COMMON = ["--task", "digits", "--backbones", "resnet20", "--pruner", "none", *SETS]
 
 
-def request(results: Path, study: str, storage: str | None):
-    from autoft.engines.common import build_request, parse_overrides
+def request(results: Path, study: str, storage: str | None, max_concurrent: int | None = None):
+    from autoft.engines.base import Execution, build_request, parse_overrides
     from autoft.task import load_task
 
     return build_request(load_task("digits"), overrides=parse_overrides([f"{k}={v}" for k, v in FIXED.items()]),
                          backbones=["resnet20"], study_name=study, results_dir=results, storage=storage,
-                         n_trials=len(CONFIGS), pruner="none", shared=True)
+                         n_trials=len(CONFIGS), pruner="none",
+                         execution=Execution(shared=True, cpus_per_trial=1, max_concurrent=max_concurrent))
 
 
 def measure(study, n: int, wall: float, path: str) -> dict:
@@ -94,10 +95,10 @@ def run_ray(n: int, work: Path) -> dict:
     from autoft.engines.ray_engine import run_ray as ray_search
 
     study_name = f"bench-ray-{n}-{time.time_ns()}"
-    req = request(work, study_name, None)
+    req = request(work, study_name, None, max_concurrent=n)
     fresh_feature_cache(work, study_name)
     t0 = time.perf_counter()
-    study = ray_search(req, cpus_per_trial=1, max_concurrent=n, enqueue=[dict(c) for c in CONFIGS])
+    study = ray_search(req, enqueue=[dict(c) for c in CONFIGS])
     wall = time.perf_counter() - t0
     return measure(study, n, wall, "ray")
 

@@ -105,7 +105,7 @@ def run_autoft(req, task_data, target: float | None, cap: float, rank=None, prun
 
 def reference(args, task, task_data, overrides) -> dict:
     """The long reference run: TPE + cache, no pruning, ``--ref-trials`` trials (stored and reused)."""
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
 
     path = args.out / f"search_reference_{task.name}.json"
     sig = {"task": task.name, "overrides": overrides, "task_set": args.task_set, "ref_trials": args.ref_trials, "space": task.search_space,
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         return 0
     _util.setup(args.threads)
 
-    from autoft.engines.common import build_request, parse_overrides
+    from autoft.engines.base import build_request, parse_overrides
     task = load_task_with(args.task, args.task_set)
     overrides = parse_overrides(args.set)
     env = _util.environment()

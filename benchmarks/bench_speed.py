@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     _util.setup(args.threads)
 
     from autoft.core import FeatureCache, fine_tune_and_score
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.space import num_stages
     from autoft.task import load_task
 

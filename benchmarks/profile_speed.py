@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     import torch
 
     from autoft.core import FeatureCache
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.task import load_task
 
     task = load_task("digits")

@@ -1,29 +1,33 @@
-"""Run a small search from Python instead of the CLI, then look at the results table.
+"""Run a small search from Python instead of the CLI: the same use case, the same results folder.
 
     AUTOFT_HOME=../shared/assets python examples/search_from_python.py
 
-Uses the built-in `digits` task with a reduced budget (4 trials, 2 epochs, resnet20 only).
+Uses the built-in `digits` task with a reduced budget (4 trials, 2 epochs, resnet20 only), prints
+each trial as it ends (an event callback), then the winner's validation and test scores and the
+per-backbone leaderboard.
 """
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
-from autoft.engines.common import build_request
-from autoft.engines.optuna_engine import run_study
-from autoft.results import write_report
-from autoft.task import load_task
+import autoft
+
+
+class PrintTrials(autoft.Callback):
+    def on_trial_end(self, e):
+        score = "-" if e.value is None else f"{e.value:.4f}"
+        print(f"trial {e.number}: {e.state} {score} ({e.config.get('backbone')}, unfreeze {e.config.get('unfreeze')})")
 
 
 def main() -> None:
-    task = load_task("digits")
-    out = Path(tempfile.mkdtemp(prefix="autoft-example-"))
-    req = build_request(task, overrides={"backbone": ["resnet20"], "epochs": 2}, results_dir=out, n_trials=4)
-    study = run_study(req)
-    report = write_report(study, task, req.study_dir)
-    print(f"best trial #{report.best['trial']}: validation {task.metric} {report.best['validation_score']:.4f}")
-    print("config:", report.best["config"])
-    print("files:", ", ".join(str(p) for p in report.files))
+    out = tempfile.mkdtemp(prefix="autoft-example-")
+    r = autoft.search("digits", n_trials=4, overrides={"backbone": ["resnet20"], "epochs": 2}, results_dir=out,
+                      callbacks=[PrintTrials()])
+    print(f"best trial #{r.best_trial.number}: validation accuracy {r.best_value:.4f}, "
+          f"test accuracy {r.test_metrics['accuracy']:.4f}")
+    print("config:", r.best_config)
+    print(r.leaderboard().to_string(index=False))
+    print("files:", ", ".join(str(p) for p in r.files))
 
 
 if __name__ == "__main__":

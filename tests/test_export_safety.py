@@ -22,7 +22,7 @@ import optuna
 import pytest
 
 from autoft.cli import main
-from autoft.engines.common import build_request
+from autoft.engines.base import build_request
 from autoft.engines.optuna_engine import run_study
 from autoft.errors import ExportError
 from autoft.export import export_trial, load_exported

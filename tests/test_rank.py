@@ -97,7 +97,7 @@ def test_rank_command(tmp_path, monkeypatch, capsys):
 def test_search_tries_top_ranked_backbone_first(tmp_path, monkeypatch):
     import optuna
 
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.engines.optuna_engine import run_study
     from autoft.task import load_task
 
@@ -135,7 +135,7 @@ def test_search_tries_top_ranked_backbone_first(tmp_path, monkeypatch):
 
 
 def test_prior_params_stay_in_the_space(digits_task):
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.rank import BackboneScore
     from autoft.task import load_task
 
@@ -159,7 +159,7 @@ def test_single_backbone_space_is_not_ranked_but_gets_its_first_trial(tmp_path):
     """Nothing to rank: no time spent on features, but the space's recipe still runs first."""
     import optuna
 
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.rank import ATTR_RANKING
     from autoft.space import num_stages
     from autoft.task import load_task
@@ -182,7 +182,7 @@ def test_single_backbone_space_is_not_ranked_but_gets_its_first_trial(tmp_path):
 
 
 def test_first_trials_recipe_by_recipe_without_duplicates(digits_task):
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.rank import BackboneScore
     from autoft.task import load_task
 

@@ -156,7 +156,7 @@ def test_ray_sweep_through_address(ray_cluster, tmp_path):
 
 # -- security: what the Ray engine trusts ------------------------------------------------------------
 def _request(results: Path, study: str = "default"):
-    from autoft.engines.common import SearchRequest
+    from autoft.engines.base import SearchRequest
     from autoft.task import load_task
 
     return SearchRequest(task=load_task("digits"), space=None, study_name=study, results_dir=results)

@@ -136,7 +136,7 @@ def test_unloadable_backbone_fails_that_trial_only(tmp_path, monkeypatch):
     (empty / "weights" / real.name).symlink_to(real)  # resnet32's weights are missing
     monkeypatch.setenv("AUTOFT_HOME", str(empty))
     monkeypatch.setenv("AUTOFT_OFFLINE", "1")
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.engines.optuna_engine import run_study
     from autoft.task import load_task
 
@@ -232,7 +232,7 @@ def test_malformed_attributes_of_a_shared_study_are_skipped(tmp_path, caplog):
 def test_a_new_process_does_not_sample_the_configuration_already_tried(tmp_path):
     """--extend (or a resume) opens the study with a new sampler: seeded only by the task, it would start
     its sequence again and propose trial 0's configuration a second time."""
-    from autoft.engines.common import build_request
+    from autoft.engines.base import build_request
     from autoft.engines.optuna_engine import create_study
     from autoft.task import load_task
 

@@ -132,7 +132,7 @@ def test_other_commands_never_print_the_storage_password(command, tmp_path, caps
 
 
 def test_request_repr_hides_the_password():
-    from autoft.engines.common import SearchRequest
+    from autoft.engines.base import SearchRequest
     from autoft.task import load_task
 
     req = SearchRequest(task=load_task("digits"), space=None, storage=f"postgresql://u:{PASSWORD}@h/d")

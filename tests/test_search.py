@@ -10,7 +10,7 @@ import yaml
 
 from autoft.cli import main
 from autoft.core import FeatureCache, TrialConfig, fine_tune_and_score
-from autoft.engines.common import build_request
+from autoft.engines.base import build_request
 from autoft.engines.optuna_engine import make_objective, run_study
 from autoft.results import write_report
 from autoft.results.tables import BASE_COLUMNS
@@ -163,7 +163,7 @@ def test_tpe_reading_once_per_trial_samples_what_optuna_tpe_samples():
 
 
 def test_first_pruning_waits_for_enough_training():
-    from autoft.engines.common import first_rung
+    from autoft.engines.pruners import first_rung
 
     assert first_rung(1437, 3) == 1  # digits: one epoch is ~1,400 examples
     assert first_rung(200, 10) == 5  # few-shot: 5 epochs of 200 examples

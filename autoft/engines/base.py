@@ -1,32 +1,45 @@
-"""What every search engine shares: the search request, study locations, trial bookkeeping."""
+"""The engine contract: a search request goes in, trials are left in the study.
+
+An engine (:class:`Engine`) receives a :class:`SearchRequest` (task, search space, budget, one pruner
+spec, execution settings with the device resolved once) and the search's events
+(:class:`autoft.events.Events`); it runs trials of the core (``fine_tune_and_score``) and leaves every
+one in the Optuna study named by the request, through the one record writer
+(:mod:`autoft.study.record`). The Optuna engine runs them in this process (threads for ``n_jobs``),
+the Ray engine on a Ray cluster; both translate the same :class:`~autoft.engines.pruners.PrunerSpec`.
+"""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import optuna
+
+from autoft.engines.pruners import PrunerSpec
 from autoft.space import SearchSpace, load_space
-from autoft.study.names import ensure_inside, validate_name
+from autoft.study.location import StudyLocation
 from autoft.study.storage import redact_url
 from autoft.task import Task
 
-# user attributes every finished trial carries (both engines write them)
-ATTR_CONFIG = "config"
-ATTR_METRICS = "metrics"
-ATTR_HISTORY = "history"
-ATTR_EPOCHS = "epochs_run"
-ATTR_SECONDS = "seconds"
-ATTR_FAIL = "fail_reason"
-ATTR_FIRST_TRIAL = "first_trial"  # True on a trial the search started with (a recipe of the space's first_trials)
-ATTR_RETRY_OF = "retry_of"  # number of the interrupted trial this one runs again
-ATTR_RANKING = "ranking"  # study user attribute: the backbone ranking made before the search
+
+@dataclass(frozen=True)
+class Execution:
+    """How trials run: the device (resolved once, :func:`autoft.core.device.resolve_device`),
+    parallelism and, for Ray, the resources of one trial."""
+
+    device: str = "cpu"
+    n_jobs: int = 1  # Optuna: trials side by side in this process (threads)
+    shared: bool = False  # other processes run trials of the same study (autoft worker)
+    address: str | None = None  # Ray: cluster address; None starts a local Ray
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
 
 
 @dataclass
 class SearchRequest:
-    """One search: the task, its space (after overrides) and how to run it."""
+    """One search: the task, its space (after overrides), the budget, the pruner and how to run it."""
 
     task: Task
     space: SearchSpace
@@ -35,43 +48,65 @@ class SearchRequest:
     storage: str | None = field(default=None, repr=False)  # may hold a password: shown only through redact_url
     n_trials: int | None = None
     timeout: float | None = None
-    n_jobs: int = 1
-    shared: bool = False  # other processes run trials of the same study (autoft worker)
-    pruner: str | None = None
+    pruner: str | None = None  # None: the task file's
     extend: bool = False
     fixed: dict[str, Any] = field(default_factory=dict)  # values every trial gets (epochs, seed)
+    execution: Execution = field(default_factory=Execution)
 
     def __post_init__(self) -> None:
-        # both become folders under results_dir: no '..', no absolute path, no separator
-        validate_name(self.task.name, "name", file=self.task.file)
-        validate_name(self.study_name, "study_name")
         self.results_dir = Path(self.results_dir)
+        self.location = StudyLocation(self.task.name, self.study_name, self.results_dir, self.storage,
+                                      task_file=self.task.file)  # validates both names
 
     def __repr__(self) -> str:
         return (f"SearchRequest(task={self.task.name!r}, study_name={self.study_name!r}, "
                 f"results_dir={str(self.results_dir)!r}, storage={redact_url(self.storage)!r})")
 
     @property
+    def n_jobs(self) -> int:
+        return self.execution.n_jobs
+
+    @property
+    def parallel(self) -> bool:
+        """Trials of this study run side by side (threads here, or other processes)."""
+        return self.execution.n_jobs > 1 or self.execution.shared
+
+    @property
     def study_dir(self) -> Path:
-        """``<results_dir>/<task>/<study>``; a :class:`ConfigError` if it resolves outside ``results_dir``."""
-        return ensure_inside(self.results_dir / self.task.name / self.study_name, self.results_dir, "study_name")
+        return self.location.study_dir
 
     @property
     def storage_url(self) -> str:
-        if self.storage:
-            return self.storage
-        path = ensure_inside(self.results_dir / self.task.name / "optuna.db", self.results_dir, "storage").resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
+        return self.location.storage_url
 
     @property
     def shown_storage(self) -> str:
-        """The storage URL as it may be printed or written: password hidden."""
-        return redact_url(self.storage) if self.storage else self.storage_url
+        return self.location.shown_storage
 
     @property
     def budget(self) -> int:
         return self.n_trials if self.n_trials is not None else self.task.budget.n_trials
+
+    @property
+    def pruner_name(self) -> str:
+        return self.pruner or self.task.pruner
+
+    def pruner_spec(self, n_train: int | None) -> PrunerSpec:
+        """The one pruner spec both engines translate (epochs are the fidelity)."""
+        return PrunerSpec.for_search(self.pruner_name, max_epochs(self.space, self.task), n_train)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the search needs of an engine (:func:`autoft.engines.get_engine`)."""
+
+    name: str
+
+    def open(self, request: SearchRequest, n_train: int | None = None) -> optuna.Study:
+        """Open (or create) the request's study."""
+
+    def run(self, request: SearchRequest, *, task_data, events, cache, rank=None) -> optuna.Study:
+        """Run (or resume) the search; emit ``events``; return the study holding every trial."""
 
 
 def build_request(task: Task, *, space_path: str | None = None, overrides: dict | None = None,
@@ -106,20 +141,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-MIN_EXAMPLES_BEFORE_PRUNING = 1000
-
-
-def first_rung(n_train: int, max_epochs: int) -> int:
-    """The first epoch after which a trial may be pruned: once it has trained on about
-    ``MIN_EXAMPLES_BEFORE_PRUNING`` examples, and at most half-way through its epochs.
-
-    One epoch for most tasks. On a few-shot task an epoch is a handful of optimizer steps (200
-    examples: 2-7 steps, still inside the warm-up), and the score after it ranks configurations at
-    random; pruning on it throws away good ones (digits-fewshot: 5 epochs of 10)."""
-    need = math.ceil(MIN_EXAMPLES_BEFORE_PRUNING / max(1, n_train))
-    return max(1, min(need, max_epochs // 2))
-
-
 def max_epochs(space: SearchSpace, task: Task) -> int:
     p = space.get("epochs")
     if p is None:
@@ -129,3 +150,15 @@ def max_epochs(space: SearchSpace, task: Task) -> int:
     if p.kind == "categorical":
         return int(max(p.choices))
     return int(p.high)
+
+
+def search_started(req: SearchRequest, engine: str, task_data, resumed: int, n_train: int | None = None):
+    """The ``search_start`` event of ``req`` (each engine emits it once its study is open)."""
+    from autoft.events import SearchStarted
+
+    return SearchStarted(task=req.task.name, study=req.study_name, engine=engine, budget=req.budget,
+                         metric=req.task.metric, direction=req.task.direction, storage=req.shown_storage,
+                         backbones=tuple(req.space.backbones), device=req.execution.device, resumed=resumed,
+                         extend=req.extend, timeout=req.timeout, pruner=req.pruner_spec(n_train).describe(),
+                         examples=len(task_data.data), classes=task_data.data.num_classes,
+                         sizes=task_data.splits.sizes())

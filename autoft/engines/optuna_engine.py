@@ -18,45 +18,35 @@ import optuna
 from optuna.trial import TrialState
 
 from autoft.core import FeatureCache, TaskData, fine_tune_and_score
-from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_HISTORY, ATTR_METRICS, ATTR_RANKING,
-                                   ATTR_RETRY_OF, ATTR_SECONDS, SearchRequest, first_rung, max_epochs)
-from autoft.errors import ConfigError
-from autoft.study.storage import (RUN_ATTRS, RetryStaleTrial, _retrying, open_storage,  # noqa: F401 (re-exported)
-                                  postgres_driver, warn_malformed)
+from autoft.engines.base import SearchRequest, search_started
+from autoft.events import EpochReported, Events, TrialEnded, TrialStarted
+from autoft.study.budget import (FINISHED, BudgetCallback, claims_budget, count_finished, counted_trials,  # noqa: F401
+                                 parse_worker, recover_interrupted, worker_id)
+from autoft.study.optuna_internals import bracket_study, live_system_attrs
+from autoft.study.record import (ATTR_CONFIG, ATTR_FAIL, ATTR_INTERRUPTED, ATTR_RANKING, ATTR_RETRY_OF,  # noqa: F401
+                                 ATTR_SURPLUS, ATTR_WORKER, config_of, failure_attrs, result_attrs, trial_origin)
+from autoft.study.storage import RetryStaleTrial, _retrying, open_storage, postgres_driver  # noqa: F401
 
 log = logging.getLogger(__name__)
 # heartbeats, grouped TPE and the retry callback are marked experimental; we rely on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
 
 class OptunaReporter:
-    """Adapts an Optuna trial to the core's Reporter protocol."""
+    """Adapts an Optuna trial to the core's Reporter protocol (and emits the ``epoch`` event)."""
 
-    def __init__(self, trial: optuna.Trial):
+    def __init__(self, trial: optuna.Trial, events: Events | None = None):
         self.trial = trial
+        self.events = events
         self.pruned_at: int | None = None
 
     def report(self, step: int, value: float, metrics: dict[str, float]) -> bool:
         self.trial.report(value, step)
+        if self.events:
+            self.events.emit(EpochReported(str(self.trial.number), int(step), float(value), dict(metrics)))
         if self.trial.should_prune():
             self.pruned_at = step
             return True
         return False
-
-
-def make_pruner(name: str, max_resource: int, first: int = 1) -> optuna.pruners.BasePruner:
-    """The study's pruner; ``first``: the first epoch after which it may prune (:func:`first_rung`)."""
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max_resource, reduction_factor=3)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ConfigError(f"unknown pruner '{name}'; expected hyperband, median, successive_halving or none",
-                      field="pruner")
 
 
 # the storage opener moved to autoft.study.storage; these names stay for existing callers
@@ -74,7 +64,7 @@ class TPESampler(optuna.samplers.TPESampler):
 
     @staticmethod
     def _study(study: optuna.Study) -> optuna.Study:
-        return getattr(study, "_study", study)  # Hyperband's bracket view keeps the study as ``_study``
+        return bracket_study(study)
 
     def infer_relative_search_space(self, study, trial):
         return super().infer_relative_search_space(self._study(study), trial)
@@ -92,12 +82,10 @@ def create_study(req: SearchRequest, storage=None, n_train: int | None = None) -
     matters only if this study object runs trials (:func:`run_study` passes it)."""
     # constant liar (running trials count as bad ones) only when trials run side by side: it makes
     # every suggestion re-read the study from storage instead of using the trial's cached copy
-    parallel = req.n_jobs > 1 or req.shared
     def sampler(seed: int) -> TPESampler:
-        return TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True, constant_liar=parallel)
+        return TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True, constant_liar=req.parallel)
 
-    top = max_epochs(req.space, req.task)
-    pruner = make_pruner(req.pruner or req.task.pruner, top, 1 if n_train is None else first_rung(n_train, top))
+    pruner = req.pruner_spec(n_train).optuna()
     storage = storage or open_storage(req.storage_url)
     study = _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage,
                                                   sampler=sampler(req.task.seed), pruner=pruner,
@@ -116,141 +104,6 @@ def sampler_seed(task_seed: int, finished: int) -> int:
     return zlib.crc32(f"{task_seed}:{finished}".encode()) & 0x7FFFFFFF
 
 
-ATTR_WORKER = "worker"  # "host:pid" of the process running the trial
-ATTR_INTERRUPTED = "interrupted"  # the trial was cut short by Ctrl-C or a dead worker; it is retried
-assert set(RUN_ATTRS) == {ATTR_WORKER, ATTR_FAIL, ATTR_INTERRUPTED}  # what a heartbeat retry drops
-ATTR_SURPLUS = "surplus"  # started after the budget was already taken by other workers; never ran
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _retried_numbers(trials) -> set[int]:
-    """Numbers of trials that another trial retries (ours, or Optuna's heartbeat retry)."""
-    out = set()
-    for t in trials:
-        for attrs, name in ((t.user_attrs, ATTR_RETRY_OF), (t.system_attrs, "failed_trial")):
-            if name in attrs:
-                number = _trial_number(attrs[name])
-                if number is None:
-                    warn_malformed(t.number, name, attrs[name], "the trial it names is not known as retried")
-                else:
-                    out.add(number)
-    return out
-
-
-def _trial_number(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
-
-
-def parse_worker(value) -> tuple[str, int] | None:
-    """``(host, pid)`` of a ``worker`` attribute ("host:pid"), or None when it is not one."""
-    if not isinstance(value, str):
-        return None
-    host, sep, pid = value.rpartition(":")
-    if not sep or not host or not pid.isdigit():
-        return None
-    return host, int(pid)
-
-
-def counted_trials(study: optuna.Study, trials: list | None = None) -> list:
-    """Finished trials that count toward the budget: interrupted trials that were retried do not."""
-    trials = study.get_trials(deepcopy=False) if trials is None else trials
-    retried = _retried_numbers(trials)
-    return [t for t in trials if t.state in FINISHED and not t.user_attrs.get(ATTR_SURPLUS)
-            and not (t.state == TrialState.FAIL and t.number in retried)]
-
-
-def _snapshot(study: optuna.Study, trial_number: int) -> list:
-    """The study's trials as read when trial ``trial_number`` was created (Optuna reads them once per
-    trial for the sampler), or a fresh read when that copy is not there. Such a snapshot holds every
-    trial created before ours (numbers are given in order), which is all :func:`claims_budget` needs."""
-    get = getattr(study, "_get_trials", None)
-    trials = get(deepcopy=False, use_cache=True) if get else None
-    if not trials or not any(t.number == trial_number for t in trials):
-        trials = study.get_trials(deepcopy=False)
-    return trials
-
-
-def claims_budget(study: optuna.Study, trial_number: int, budget: int) -> bool:
-    """Whether a just-started trial fits in the budget.
-
-    Finished trials that count take the first slots; running trials take the next ones in order of
-    their number.  Workers racing for the last slot thus agree on who runs it, and the study ends
-    with exactly ``budget`` counted trials.
-    """
-    trials = _snapshot(study, trial_number)
-    running = sorted(t.number for t in trials if t.state == TrialState.RUNNING and not t.user_attrs.get(ATTR_SURPLUS))
-    slot = len(counted_trials(study, trials)) + (running.index(trial_number) if trial_number in running else len(running))
-    return slot < budget
-
-
-def count_finished(study: optuna.Study) -> int:
-    return len(counted_trials(study))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Fail trials left RUNNING by a dead process of this host, and retry every interrupted trial.
-
-    A trial whose worker process (recorded as ``host:pid``) no longer exists is marked failed with
-    that reason; it and every trial stopped by Ctrl-C is enqueued again with the same parameters
-    (once).  Trials of live or remote workers are left to the storage heartbeat.  Returns the
-    numbers of the trials that were retried.
-    """
-    host = socket.gethostname()
-    trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
-    storage = study._storage
-    out = []
-    for t in trials:
-        w = t.user_attrs.get(ATTR_WORKER)
-        if t.state == TrialState.RUNNING and w is not None:
-            parsed = parse_worker(w)
-            if parsed is None:
-                warn_malformed(t.number, ATTR_WORKER, w, "not recovered here (the storage heartbeat fails it "
-                                                        "if its worker is gone)")
-                continue
-            if parsed[0] != host:
-                continue
-            pid = parsed[1]
-            if pid == os.getpid() or _pid_alive(pid):
-                continue
-            try:
-                storage.set_trial_user_attr(t._trial_id, ATTR_FAIL,
-                                            f"WorkerDied: the process running this trial ({w}) ended "
-                                            "without finishing it (killed or crashed); the trial is retried")
-                storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)
-                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-                continue  # another process got there first
-        elif not (t.state == TrialState.FAIL and t.user_attrs.get(ATTR_INTERRUPTED)):
-            continue
-        if t.number in retried:
-            continue
-        study.enqueue_trial(t.params, user_attrs={ATTR_RETRY_OF: t.number}, skip_if_exists=False)
-        retried.add(t.number)
-        out.append(t.number)
-        log.warning("trial %d was interrupted; its configuration is queued again", t.number)
-    return out
-
-
 def usable_ranking(study: optuna.Study) -> bool:
     """False (with a warning) when the study's recorded ranking is malformed: the search then goes on
     without it (the ranking is advisory)."""
@@ -265,18 +118,13 @@ def log_failures(study: optuna.Study, trial) -> None:
         log.warning("trial %d failed: %s", trial.number, str(trial.user_attrs.get(ATTR_FAIL, "unknown reason")).split("\n")[0])
 
 
-class BudgetCallback:
-    """Stops ``optimize`` in every process once the study has ``budget`` counted trials."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-
-    def __call__(self, study: optuna.Study, trial) -> None:
-        if count_finished(study) >= self.budget:
-            study.stop()
+def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
 
 
-def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache, budget: int | None = None) -> Callable:
+def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache, budget: int | None = None,
+                   events: Events | None = None) -> Callable:
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(ATTR_WORKER, worker_id())
         if budget is not None and not claims_budget(trial.study, trial.number, budget):
@@ -286,19 +134,18 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
         try:
             cfg = req.space.sample(trial, req.fixed)
             trial.set_user_attr(ATTR_CONFIG, cfg.model_dump())
-            reporter = OptunaReporter(trial)
+            if events:
+                events.emit(TrialStarted(str(trial.number), cfg.model_dump(), _origin(trial)))
+            reporter = OptunaReporter(trial, events)
             result = fine_tune_and_score(cfg, task_data, reporter, cache=cache)
         except KeyboardInterrupt:
-            trial.set_user_attr(ATTR_FAIL, "Interrupted: stopped by the user (Ctrl-C); retried on resume")
-            trial.set_user_attr(ATTR_INTERRUPTED, True)
+            _set_attrs(trial, {**failure_attrs("Interrupted: stopped by the user (Ctrl-C); retried on resume"),
+                               ATTR_INTERRUPTED: True})
             raise
         except Exception as exc:
-            trial.set_user_attr(ATTR_FAIL, f"{type(exc).__name__}: {exc}"[:2000])
+            _set_attrs(trial, failure_attrs(exc))
             raise
-        trial.set_user_attr(ATTR_METRICS, result.metrics)
-        trial.set_user_attr(ATTR_HISTORY, [h[task_data.metric] for h in result.history])
-        trial.set_user_attr(ATTR_EPOCHS, result.epochs_run)
-        trial.set_user_attr(ATTR_SECONDS, round(result.seconds, 3))
+        _set_attrs(trial, result_attrs(result, task_data.metric))
         if reporter.pruned_at is not None and result.stopped_early:
             raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
         return result.score
@@ -306,19 +153,57 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
     return objective
 
 
+def _origin(trial: optuna.Trial) -> str:
+    """The origin of a live trial (its attributes as set when it was enqueued)."""
+    from types import SimpleNamespace
+
+    return trial_origin(SimpleNamespace(user_attrs=trial.user_attrs, system_attrs=live_system_attrs(trial)))
+
+
+def trial_ended(t) -> TrialEnded:
+    """The ``trial_end`` event of a finished trial of the study (under either engine)."""
+    from autoft.study.record import ATTR_EPOCHS, ATTR_METRICS, ATTR_SECONDS
+
+    metrics = t.user_attrs.get(ATTR_METRICS)
+    seconds = t.user_attrs.get(ATTR_SECONDS)
+    return TrialEnded(key=str(t.number), state=t.state.name.lower(), value=t.value, config=config_of(t),
+                      metrics=dict(metrics) if isinstance(metrics, dict) else {},
+                      epochs=int(t.user_attrs.get(ATTR_EPOCHS, len(t.intermediate_values)) or 0),
+                      seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+                      fail_reason=str(t.user_attrs.get(ATTR_FAIL, "")) if t.state == TrialState.FAIL else "",
+                      number=t.number, origin=trial_origin(t))
+
+
+class _EmitTrialEnd:
+    """Study callback: the ``trial_end`` event once Optuna has stored the finished trial."""
+
+    def __init__(self, events: Events):
+        self.events = events
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if trial.user_attrs.get(ATTR_SURPLUS) or trial.state not in FINISHED:
+            return  # a surplus trial never ran
+        self.events.emit(trial_ended(trial))
+
+
 def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callbacks: list | None = None,
-              cache: FeatureCache | None = None, rank=None, study: optuna.Study | None = None) -> optuna.Study:
+              cache: FeatureCache | None = None, rank=None, study: optuna.Study | None = None,
+              events: Events | None = None) -> optuna.Study:
     """Run (or resume) the study until it has ``req.budget`` finished trials or the timeout passes.
 
     ``rank``: how a new study uses the backbone ranking (:class:`autoft.rank.RankPolicy`; None = the
     default policy, False = no ranking). ``study``: the study of ``req`` if the caller already opened it
-    (``create_study(req, n_train=...)``), saving a second connection to the storage."""
+    (``create_study(req, n_train=...)``), saving a second connection to the storage. ``callbacks``:
+    Optuna study callbacks; ``events``: the engine-neutral events (:mod:`autoft.events`)."""
     # Optuna logs every failed trial with a traceback; we record the reason and log one line instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    task_data = task_data or req.task.prepare()
-    study = study or create_study(req, n_train=len(task_data.splits.train))
+    events = events if events is not None else Events()
+    task_data = task_data or req.task.prepare(device=req.execution.device)
+    n_train = len(task_data.splits.train)
+    study = study or create_study(req, n_train=n_train)
     recover_interrupted(study)
     done = count_finished(study)
+    events.emit(search_started(req, "optuna", task_data, done, n_train))
     budget = req.budget + (done if req.extend else 0)
     remaining = budget - done
     if remaining <= 0:
@@ -331,8 +216,22 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
         apply_ranking(study, req, task_data, cache, rank if isinstance(rank, RankPolicy) else RankPolicy())
     # with other workers, each one stops once the study as a whole has its budget (alone, n_trials
     # already stops it there, and the check would cost a read of the whole study after every trial)
-    stop = [BudgetCallback(budget)] if req.n_jobs > 1 or req.shared else []
-    study.optimize(make_objective(req, task_data, cache, budget), n_trials=remaining, timeout=req.timeout,
-                   n_jobs=req.n_jobs, catch=(Exception,), callbacks=[*stop, log_failures, *(callbacks or [])],
+    stop = [BudgetCallback(budget)] if req.parallel else []
+    ended = [_EmitTrialEnd(events)] if events else []
+    study.optimize(make_objective(req, task_data, cache, budget, events), n_trials=remaining, timeout=req.timeout,
+                   n_jobs=req.n_jobs, catch=(Exception,), callbacks=[*stop, log_failures, *ended, *(callbacks or [])],
                    gc_after_trial=False, show_progress_bar=False)
     return study
+
+
+class OptunaEngine:
+    """The Optuna adapter of the engine contract: trials run in this process (threads for ``n_jobs``)."""
+
+    name = "optuna"
+
+    def open(self, request: SearchRequest, n_train: int | None = None) -> optuna.Study:
+        return create_study(request, n_train=n_train)
+
+    def run(self, request: SearchRequest, *, task_data, events: Events, cache, rank=None) -> optuna.Study:
+        study = self.open(request, n_train=len(task_data.splits.train))
+        return run_study(request, task_data=task_data, cache=cache, rank=rank, study=study, events=events)

@@ -38,16 +38,16 @@ from optuna.trial import TrialState
 from ray import tune
 
 from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
-from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_HISTORY, ATTR_METRICS,
-                                   ATTR_RANKING, ATTR_SECONDS, SearchRequest, first_rung, max_epochs)
+from autoft.engines.base import SearchRequest, search_started
 from autoft.errors import ConfigError
+from autoft.events import EpochReported, Events, TrialStarted
+from autoft.study.record import (ATTR_CONFIG, ATTR_ENGINE, ATTR_EPOCHS, ATTR_FIRST_TRIAL, ATTR_FIRST_TRIALS,
+                                 ATTR_RANKING, ATTR_RAY_TRIAL, failure_attrs, reported_attrs)
 from autoft.study.storage import make_private_dir, study_state_dir, warn_malformed
 
 log = logging.getLogger(__name__)
 
 METRIC = "score"  # the key every report carries: the task's metric on the validation split
-ATTR_RAY_TRIAL = "ray_trial_id"  # user attribute linking an Optuna trial to its Ray trial
-ATTR_FIRST_TRIALS = "first_trials"  # study user attribute: the configurations a Ray sweep started with
 EXPERIMENT = "tune"  # experiment name under the study's state folder (and, before, results/<task>/<study>/ray/)
 # environment passed on to the trials (weights and caches are looked up on the worker)
 FORWARDED_ENV = ("AUTOFT_HOME", "AUTOFT_OFFLINE", "AUTOFT_CACHE_DIR", "AUTOFT_CACHE_MAX_GB", "TORCH_HOME", "HF_HOME",
@@ -99,19 +99,22 @@ class RayReporter:
         return False
 
 
-def trial_device(task_device: str) -> str:
-    """The device of this trial: the GPU Ray assigned to it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+def trial_device(wants_gpu: bool) -> str:
+    """The device of this trial: the GPU Ray assigned to it (Ray sets CUDA_VISIBLE_DEVICES) when the search
+    asked for GPUs (``--gpus-per-trial`` above 0), else the CPU. A trial given no GPU it asked for fails
+    with that reason instead of running on the CPU unnoticed."""
+    if not wants_gpu:
+        return "cpu"
     import ray
+    import torch
 
-    if ray.get_gpu_ids():
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-    return "cpu"
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return "cuda"
+    raise RuntimeError(f"this trial was to run on a GPU (--gpus-per-trial), but Ray assigned it none "
+                       f"(ray.get_gpu_ids()={ray.get_gpu_ids()}, torch.cuda.is_available()={torch.cuda.is_available()})")
 
 
-def trainable(config: dict, task_data: TaskData | None = None, threads: int = 1) -> None:
+def trainable(config: dict, task_data: TaskData | None = None, threads: int = 1, gpu: bool = False) -> None:
     """One Ray Tune trial: fine-tune ``config`` and report the validation metric every epoch."""
     import torch
 
@@ -119,12 +122,27 @@ def trainable(config: dict, task_data: TaskData | None = None, threads: int = 1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     torch.set_num_threads(max(1, threads))
     cfg = TrialConfig(**{k: v for k, v in config.items() if k in TrialConfig.model_fields})
-    data = dataclasses.replace(task_data, device=trial_device(task_data.device))
+    data = dataclasses.replace(task_data, device=trial_device(gpu))
     fine_tune_and_score(cfg, data, RayReporter(cfg.epochs), cache=_worker_cache())
 
 
-class TrialLog(tune.Callback):
-    """Logs each finished trial (the CLI shows INFO logs with -v)."""
+class TrialEvents(tune.Callback):
+    """Ray Tune's driver callbacks → the engine-neutral events (trial start, every epoch) and log lines.
+
+    The ``trial_end`` events follow once the sweep's trials are in the study (:func:`to_optuna`): then
+    each carries its number, its state as recorded (complete / pruned / fail) and its reason."""
+
+    def __init__(self, events: Events | None = None):
+        self.events = events if events is not None else Events()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = {k: v for k, v in dict(trial.config).items() if k in TrialConfig.model_fields}
+        self.events.emit(TrialStarted(str(trial.trial_id), cfg))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if METRIC in result and "epoch" in result:
+            metrics = {k[4:]: float(v) for k, v in result.items() if k.startswith("val_")}
+            self.events.emit(EpochReported(str(trial.trial_id), int(result["epoch"]), float(result[METRIC]), metrics))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
@@ -133,26 +151,6 @@ class TrialLog(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         log.info("ray trial %s failed", trial.trial_id)
-
-
-def make_scheduler(name: str | None, max_t: int, mode: str, first: int = 1):
-    """Ray Tune scheduler for ``name``; ``first``: the first epoch at which it may stop a trial."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-
-    name = name or "asha"
-    common = {"metric": METRIC, "mode": mode}
-    if name in ("asha", "successive_halving"):
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=first, reduction_factor=3,
-                             brackets=1, **common)
-    if name == "hyperband":  # asynchronous Hyperband: no trial is ever paused (no checkpoints needed)
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=first, reduction_factor=3,
-                             brackets=3, **common)
-    if name == "median":
-        return MedianStoppingRule(time_attr="training_iteration", grace_period=first, min_samples_required=4, **common)
-    if name == "none":
-        return FIFOScheduler()
-    raise ConfigError(f"unknown pruner '{name}' for the ray backend; expected hyperband, median, "
-                      "successive_halving or none (default: ASHA)", field="pruner")
 
 
 def experiment_path(req: SearchRequest) -> Path:
@@ -217,16 +215,20 @@ def _init_ray(address: str | None, req: SearchRequest) -> bool:
     return True
 
 
-def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: str | None = None,
-            cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
-            enqueue: list[dict] | None = None, rank=None) -> optuna.Study:
+def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: list[dict] | None = None,
+            rank=None, events: Events | None = None) -> optuna.Study:
     """Run (or resume) the search on Ray Tune and return it as an Optuna study in ``req.storage_url``.
 
     ``enqueue``: configurations (parameter name → value) to evaluate first, before the sampler; by
     default a new experiment ranks the backbones on the driver and starts with the search space's
     first trials, as the Optuna engine does (``rank``: a :class:`~autoft.rank.RankPolicy`, None for
-    the default, False for neither; ``drop_below`` is not applied here).
+    the default, False for neither; ``drop_below`` is not applied here). Resources and the cluster
+    address come from ``req.execution``.
     """
+    ex = req.execution
+    address, cpus_per_trial, gpus_per_trial, max_concurrent = (ex.address, ex.cpus_per_trial, ex.gpus_per_trial,
+                                                               ex.max_concurrent)
+    events = events if events is not None else Events()
     if cpus_per_trial <= 0:
         raise ConfigError(f"--cpus-per-trial must be above 0, got {cpus_per_trial}")
     if gpus_per_trial < 0:
@@ -236,8 +238,8 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
     if req.extend:
         raise ConfigError("--extend is not supported with --backend ray; use a new --study-name")
     task = req.task
-    if task.device.startswith("cuda") and gpus_per_trial == 0:
-        raise ConfigError(f"task '{task.name}' asks for device {task.device}: pass --gpus-per-trial "
+    if ex.device.startswith("cuda") and gpus_per_trial == 0:
+        raise ConfigError(f"task '{task.name}' runs on device {ex.device}: pass --gpus-per-trial "
                           "(a fraction such as 0.5 shares a GPU between trials)", field="device")
     path = experiment_path(req)
     legacy = untrusted_experiment(req)
@@ -247,7 +249,7 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
                           f"code. autoft now keeps experiments in {path}. If you trust this results folder, move "
                           f"{legacy} to {path} and run the same command again; otherwise delete it, or start a new "
                           "sweep with another --study-name")
-    task_data = task_data or task.prepare()
+    task_data = task_data or task.prepare(device=ex.device)
 
     import ray
 
@@ -258,8 +260,10 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
         make_private_dir(path.parent)  # this user's only: Tuner.restore reads it back
         resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
         fn = tune.with_resources(
-            tune.with_parameters(trainable, task_data=task_data, threads=max(1, int(round(cpus_per_trial)))),
+            tune.with_parameters(trainable, task_data=task_data, threads=max(1, int(round(cpus_per_trial))),
+                                 gpu=gpus_per_trial > 0),
             resources)
+        events.emit(search_started(req, "ray", task_data, 0, len(task_data.splits.train)))
         if tune.Tuner.can_restore(path):
             log.info("resuming the Ray Tune experiment in %s", path)
             tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=False,
@@ -277,9 +281,9 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, address: s
             _record_plan(req, scores, enqueue)
             tuner = tune.Tuner(fn, tune_config=_tune_config(req, mode, max_concurrent, enqueue,
                                                             len(task_data.splits.train)),
-                               run_config=_run_config(path))
+                               run_config=_run_config(path, events))
         tuner.fit()
-        study = to_optuna(req, path)
+        study = to_optuna(req, path, events)
     finally:
         if started:
             ray.shutdown()
@@ -323,27 +327,25 @@ def _tune_config(req: SearchRequest, mode: str, max_concurrent: int | None, enqu
                                          constant_liar=True)
     search = OptunaSearch(space=DefineByRun(req.space, req.fixed), metric=METRIC, mode=mode, sampler=sampler,
                           points_to_evaluate=list(enqueue or []) or None)
-    pruner = req.pruner if req.pruner is not None else "asha"  # the task file's pruner is for Optuna
-    top = max_epochs(req.space, req.task)
-    scheduler = make_scheduler(pruner, top, mode, first_rung(n_train, top))
+    scheduler = req.pruner_spec(n_train).ray(METRIC, mode)  # the task's pruner, as the Optuna engine reads it
     return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=req.budget,
                            max_concurrent_trials=max_concurrent, time_budget_s=req.timeout, reuse_actors=True)
 
 
-def _run_config(path: Path):
+def _run_config(path: Path, events: Events | None = None):
     return tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
-                          failure_config=tune.FailureConfig(max_failures=0), callbacks=[TrialLog()])
+                          failure_config=tune.FailureConfig(max_failures=0), callbacks=[TrialEvents(events)])
 
 
 # --------------------------------------------------------------------------------------------
 # Ray results → Optuna study
-def to_optuna(req: SearchRequest, path: Path) -> optuna.Study:
+def to_optuna(req: SearchRequest, path: Path, events: Events | None = None) -> optuna.Study:
     """Write every finished trial of the Ray experiment at ``path`` into the Optuna study of ``req``
-    (trials already there are skipped, so this is safe to repeat)."""
-    from autoft.engines.optuna_engine import create_study
+    (trials already there are skipped, so this is safe to repeat), and emit each one's ``trial_end``."""
+    from autoft.engines.optuna_engine import create_study, trial_ended
 
     study = create_study(req)
-    study.set_user_attr("engine", "ray")  # the sampler/pruner objects of this study did not run the search
+    study.set_user_attr(ATTR_ENGINE, "ray")  # the sampler/pruner objects of this study did not run the search
     have = {t.user_attrs.get(ATTR_RAY_TRIAL) for t in study.get_trials(deepcopy=False)}
     analysis = tune.ExperimentAnalysis(str(path))
     frames = analysis.trial_dataframes
@@ -362,6 +364,12 @@ def to_optuna(req: SearchRequest, path: Path) -> optuna.Study:
     frozen = sorted((f for f in frozen if f is not None), key=lambda f: f.datetime_start)
     for f in frozen:  # in the order the trials started
         study.add_trial(f)
+    if events and frozen:
+        added_ids = {f.user_attrs[ATTR_RAY_TRIAL] for f in frozen}
+        for t in study.get_trials(deepcopy=False):  # numbered now
+            if t.user_attrs.get(ATTR_RAY_TRIAL) in added_ids:
+                e = trial_ended(t)
+                events.emit(dataclasses.replace(e, key=str(t.user_attrs[ATTR_RAY_TRIAL])))
     added = len(frozen)
     log.info("added %d Ray trial(s) to study '%s'", added, req.study_name)
     return study
@@ -388,18 +396,16 @@ def _frozen_trial(req: SearchRequest, trial, df, first: list[dict] = ()) -> optu
     if any(all(config.get(k) == v for k, v in e.items()) for e in first):
         attrs[ATTR_FIRST_TRIAL] = True  # one of the configurations the sweep started with
     if last:
-        attrs[ATTR_METRICS] = {k[4:]: float(v) for k, v in last.items() if k.startswith("val_")}
-        attrs[ATTR_HISTORY] = [float(r.get(f"val_{metric}", r[METRIC])) for r in rows]
-        attrs[ATTR_SECONDS] = round(float(last.get("elapsed", 0.0)), 3)
+        attrs.update(reported_attrs(rows, metric, float(last.get("elapsed", 0.0))))  # the one record writer
     started = dt.datetime.fromtimestamp(float(rows[0]["started"])) if rows and "started" in rows[0] else None
     completed = started + dt.timedelta(seconds=float(last.get("elapsed", 0.0))) if started else None
     value = None
     if status == "ERROR":
         state = TrialState.FAIL
-        attrs[ATTR_FAIL] = _error_reason(trial)
+        attrs.update(failure_attrs(_error_reason(trial)))
     elif not rows:
         state = TrialState.FAIL
-        attrs[ATTR_FAIL] = "the trial ended without reporting a result"
+        attrs.update(failure_attrs("the trial ended without reporting a result"))
     elif int(last.get("epoch", 0)) < int(cfg_doc.get("epochs", last.get("planned_epochs", 0))):
         state = TrialState.PRUNED  # the scheduler stopped it before its last epoch
     else:
@@ -439,3 +445,19 @@ def _error_reason(trial) -> str:
         text = ""
     lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else "the trial raised an error (no trace saved)")[:2000]
+
+
+class RayEngine:
+    """The Ray Tune adapter of the engine contract: trials run on a Ray cluster (``req.execution``:
+    address, CPUs and GPUs per trial, concurrency); they land in the study when the sweep ends."""
+
+    name = "ray"
+
+    def open(self, request: SearchRequest, n_train: int | None = None) -> optuna.Study:
+        from autoft.engines.optuna_engine import create_study
+
+        return create_study(request, n_train=n_train)
+
+    def run(self, request: SearchRequest, *, task_data, events: Events, cache=None, rank=None) -> optuna.Study:
+        return run_ray(request, task_data=task_data, rank=rank, events=events)
+

@@ -65,10 +65,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from autoft.cli import _task_and_study, check_budget_options, check_paths
     from autoft.console import make_console
     from autoft.core import FeatureCache
-    from autoft.engines.common import build_request, parse_overrides
-    from autoft.engines.optuna_engine import count_finished, create_study, run_study, worker_id
-    from autoft.results.tables import trial_origin
+    from autoft.core.device import resolve_device
+    from autoft.engines.base import Execution, build_request, parse_overrides
+    from autoft.engines.optuna_engine import create_study, run_study
     from autoft.study import open_storage
+    from autoft.study.budget import count_finished, worker_id
+    from autoft.study.record import ATTR_SURPLUS, trial_origin
 
     check_budget_options(args)  # --n-trials, --timeout, --threads
     if args.threads is not None:
@@ -79,22 +81,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     req = build_request(task, space_path=args.space, overrides=parse_overrides(args.set),
                         backbones=args.backbones.split(",") if args.backbones else None,
                         study_name=args.study_name, results_dir=Path(args.results_dir), storage=args.storage,
-                        n_trials=args.n_trials, timeout=args.timeout, n_jobs=1, pruner=args.pruner,
-                        shared=True)
+                        n_trials=args.n_trials, timeout=args.timeout, pruner=args.pruner,
+                        execution=Execution(device=resolve_device(task.device), n_jobs=1, shared=True))
     check_paths(req)
     storage = open_storage(req.storage_url)  # fails now (URL redacted) if it cannot be opened
     # the trials keep the task's seed (req.fixed); only this worker's sampler gets a seed of its own
     req.task = task.model_copy(update={"seed": worker_seed(task.seed)})
     console = make_console()
     me = worker_id()
-    task_data = task.prepare()
+    task_data = task.prepare(device=req.execution.device)
     console.print(f"[bold]autoft worker[/] {me} · task [cyan]{task.name}[/] · study '{req.study_name}' in "
                   f"{req.shown_storage} · budget {req.budget} trials (whole study) · "
                   f"torch threads {_threads()}")
     mine: list[int] = []
 
     def progress(study, trial) -> None:
-        if trial.user_attrs.get("surplus"):
+        if trial.user_attrs.get(ATTR_SURPLUS):
             return
         mine.append(trial.number)
         val = f"{trial.value:.4f}" if trial.value is not None else "-"

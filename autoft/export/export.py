@@ -44,8 +44,8 @@ from torch import nn
 
 from autoft.core import FeatureCache, TrialConfig, fine_tune_and_score
 from autoft.core.train import TaskData
-from autoft.engines.common import ATTR_CONFIG, ATTR_METRICS, SearchRequest
-from autoft.errors import ConfigError, ExportError, did_you_mean
+from autoft.study.record import ATTR_CONFIG, ATTR_METRICS
+from autoft.errors import ConfigError, ExportError
 from autoft.export.runtime import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_INFO, load_exported, sha256_file
 from autoft.task import Task, load_task
 
@@ -107,23 +107,9 @@ class ExportResult:
 def open_study(task: Task, study_name: str = "default", results_dir: str | Path = "results",
                storage: str | None = None) -> optuna.Study:
     """Load the study a search left (same storage rules as ``autoft search``)."""
-    results_dir = Path(results_dir)
-    if storage is None:
-        db = results_dir / task.name / "optuna.db"
-        if not db.is_file():
-            raise ConfigError(f"no search results for task '{task.name}': {db} does not exist. Run "
-                              f"'autoft search --task {task.name} --results-dir {results_dir}' first "
-                              "(or pass --results-dir / --storage)")
-    req = SearchRequest(task=task, space=None, study_name=study_name, results_dir=results_dir, storage=storage)
-    from autoft.study import open_storage
+    from autoft.study import StudyLocation
 
-    store = open_storage(req.storage_url)  # StorageError naming the URL, password hidden
-    try:
-        return optuna.load_study(study_name=study_name, storage=store)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
-        raise ConfigError(f"no study '{study_name}'{did_you_mean(study_name, names)} for task '{task.name}' "
-                          f"in {req.shown_storage}; studies there: {', '.join(names) or 'none'}") from None
+    return StudyLocation(task.name, study_name, Path(results_dir), storage, task_file=task.file).load()
 
 
 def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 
-from autoft.engines.common import ATTR_RANKING
+from autoft.study.record import ATTR_RANKING
 from autoft.results.plots import write_plots
 from autoft.results.tables import (atomic_path, best_document, best_trial, leaderboard, trials_table,
                                    write_yaml)

@@ -12,22 +12,13 @@ import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from autoft.engines.common import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_FIRST_TRIAL, ATTR_METRICS, ATTR_RANKING,
-                                   ATTR_RETRY_OF, ATTR_SECONDS)
+from autoft.study.record import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_METRICS, ATTR_RANKING,  # noqa: F401
+                                 ATTR_SECONDS, ATTR_SURPLUS, trial_origin)
 from autoft.study.storage import warn_malformed
 
 # the documented columns of trials.csv, in order (config and metric columns follow)
 BASE_COLUMNS = ["number", "state", "score", "backbone", "unfreeze", "epochs_run", "seconds", "fail_reason",
                 "datetime_start", "origin"]
-
-
-def trial_origin(t: FrozenTrial) -> str:
-    """Where the trial's configuration came from: ``sampler``, ``first trial`` (a recipe of the search
-    space's ``first_trials``, run before the sampler) or ``retry of #N`` (an interrupted trial run again)."""
-    retried = t.user_attrs.get(ATTR_RETRY_OF, t.system_attrs.get("failed_trial"))  # ours / Optuna's heartbeat retry
-    if retried is not None:
-        return f"retry of #{retried}"
-    return "first trial" if t.user_attrs.get(ATTR_FIRST_TRIAL) else "sampler"
 
 
 def mapping_attr(t: FrozenTrial, name: str) -> dict:
@@ -91,7 +82,7 @@ def trial_row(t: FrozenTrial) -> dict:
 
 
 def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
-    rows = [trial_row(t) for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get("surplus")]
+    rows = [trial_row(t) for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get(ATTR_SURPLUS)]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=BASE_COLUMNS)
@@ -133,7 +124,7 @@ def leaderboard(df: pd.DataFrame, direction: str = "maximize", ranking: list[dic
 
 
 def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    c = Counter(t.state.name.lower() for t in trials if not t.user_attrs.get("surplus"))
+    c = Counter(t.state.name.lower() for t in trials if not t.user_attrs.get(ATTR_SURPLUS))
     return {s: c.get(s, 0) for s in ("complete", "pruned", "fail", "running")}
 
 

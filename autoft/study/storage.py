@@ -26,14 +26,14 @@ from pathlib import Path
 import optuna
 
 from autoft.errors import AutoftError
+from autoft.study.record import RUN_BOOKKEEPING
 
 log = logging.getLogger(__name__)
 # heartbeats and the retry callback are marked experimental; we rely on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-# user attributes of one run of a trial, which a heartbeat retry must not inherit (the engines write
-# them: "worker" = host:pid of the process running it, "fail_reason", "interrupted")
-RUN_ATTRS = ("worker", "fail_reason", "interrupted")
+# user attributes of one run of a trial, which a heartbeat retry must not inherit
+RUN_ATTRS = RUN_BOOKKEEPING
 
 
 class StorageError(AutoftError):

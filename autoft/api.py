@@ -1,0 +1,214 @@
+"""``autoft.search``: the whole use case of ``autoft search``, for Python.
+
+Search (Optuna or Ray Tune) → final check of the winner on the untouched test split → report files
+(and, when asked, the exported winner and an MLflow record). The CLI calls this function and only
+parses arguments and prints; so a search from Python leaves exactly what the command leaves::
+
+    import autoft
+    r = autoft.search("digits", n_trials=2)
+    print(r.best_value, r.test_metrics)
+    r.leaderboard()            # pandas DataFrame, one row per backbone
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial
+
+from autoft.errors import AutoftError, ConfigError
+from autoft.events import Callback, Events, SearchEnded, SearchStarted
+
+log = logging.getLogger(__name__)
+BACKENDS = ("optuna", "ray")
+
+
+class NoTrialCompleted(AutoftError):
+    """Every trial of the search failed (the study and its report are kept)."""
+
+    def __init__(self, message: str, result: "SearchResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class SearchResult:
+    """What a search leaves: the study, the winner, its test metrics and the files written."""
+
+    study: optuna.Study
+    task: Any  # autoft.task.Task
+    results_dir: Path  # results/<task>/<study>/
+    storage: str  # the study's storage URL, password redacted
+    best_trial: FrozenTrial | None
+    test_metrics: dict[str, float] | None
+    counts: dict[str, int]
+    files: list[Path] = field(default_factory=list)
+    export_dir: Path | None = None
+    interrupted: bool = False
+    budget_taken: bool = False  # nothing ran here: other processes had already taken the budget
+    seconds: float = 0.0
+
+    @property
+    def best_value(self) -> float | None:
+        return None if self.best_trial is None else self.best_trial.value
+
+    @property
+    def best_config(self) -> dict[str, Any] | None:
+        from autoft.study.record import config_of
+
+        return None if self.best_trial is None else config_of(self.best_trial)
+
+    def trials(self) -> pd.DataFrame:
+        """One row per trial (the columns of ``trials.csv``)."""
+        from autoft.results.tables import trials_table
+
+        return trials_table(self.study.get_trials(deepcopy=False))
+
+    def leaderboard(self) -> pd.DataFrame:
+        """One row per backbone, best first (``leaderboard.csv``)."""
+        from autoft.results.tables import leaderboard
+        from autoft.study.record import ATTR_RANKING, ATTR_SURPLUS
+
+        return leaderboard(self.trials(), self.task.direction, self.study.user_attrs.get(ATTR_RANKING))
+
+
+def validate_budget_options(*, n_trials=None, timeout=None, n_jobs=None, threads=None) -> None:
+    """The command-line budget as the task file checks its own (a :class:`ConfigError` naming the option)."""
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise ConfigError(f"the study's trial budget must be at least 1, got {n_trials}", field="--n-trials")
+    if timeout is not None and not timeout > 0:  # also rejects nan
+        raise ConfigError(f"expected a number of seconds above 0, got {timeout:g}", field="--timeout")
+    if n_jobs is not None and n_jobs < 1:
+        raise ConfigError(f"expected at least 1 parallel trial, got {n_jobs}", field="--n-jobs")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"expected at least 1 torch thread, got {threads}", field="--threads")
+
+
+def trial_config(trial, purpose: str):
+    """The trial's configuration as a TrialConfig, or None (and a warning naming the trial) when its
+    ``config`` attribute does not validate (a shared study may hold one written by another version)."""
+    from autoft.core.config import TrialConfig
+    from autoft.study.record import ATTR_CONFIG
+    from autoft.study.storage import warn_malformed
+
+    doc = trial.user_attrs.get(ATTR_CONFIG)
+    try:
+        return TrialConfig(**doc)
+    except (TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warn_malformed(trial.number, ATTR_CONFIG, doc, f"it does not validate ({reason[:200]}): {purpose}")
+        return None
+
+
+class _Ran(Callback):
+    """Counts the trials that ended in this search (to tell 'nothing ran here' from 'all failed')."""
+
+    def __init__(self):
+        self.n = 0
+
+    def on_trial_end(self, e) -> None:
+        self.n += 1
+
+
+def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] | None = None,
+           backbones: list[str] | None = None, study_name: str = "default", results_dir: str | Path = "results",
+           storage: str | None = None, n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
+           pruner: str | None = None, extend: bool = False, backend: str = "optuna", address: str | None = None,
+           cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
+           device: str | None = None, rank: bool = True, final_check: bool = True,
+           export: str | Path | None = None, track: str | None = None,
+           callbacks: list[Callback] | tuple[Callback, ...] = (), task_data=None) -> SearchResult:
+    """Run (or resume) a search on ``task`` (a name, a task file, or a :class:`~autoft.task.Task`).
+
+    Mirrors ``autoft search``: ``overrides`` is ``--set`` (``{"lr": 1e-3}``), ``rank=False`` is
+    ``--no-rank``, ``final_check=False`` is ``--no-final-check``; ``export`` is a folder to export the
+    winner to (its refit is also the final check); ``track`` an MLflow tracking URI (default: the task
+    file's ``track``); ``callbacks`` receive the search's events (:mod:`autoft.events`).
+
+    Raises :class:`NoTrialCompleted` when trials ran and every one failed; an interrupted search
+    (Ctrl-C) returns with ``interrupted=True`` and what had finished.
+    """
+    from autoft.core import FeatureCache, fine_tune_and_score
+    from autoft.core.device import resolve_device
+    from autoft.engines import get_engine
+    from autoft.engines.base import Execution, build_request
+    from autoft.results import write_report
+    from autoft.results.tables import best_trial, most_common_failure, state_counts
+    from autoft.study.record import ATTR_RANKING, ATTR_SURPLUS
+    from autoft.study import open_storage
+    from autoft.task import Task, load_task
+    from autoft.tracking import make_tracker
+
+    t0 = time.perf_counter()
+    validate_budget_options(n_trials=n_trials, timeout=timeout, n_jobs=n_jobs)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}", field="--backend")
+    task = task if isinstance(task, Task) else load_task(task)
+    execution = Execution(device=resolve_device(device or task.device), n_jobs=n_jobs, address=address,
+                          cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                          max_concurrent=max_concurrent)
+    req = build_request(task, space_path=str(space) if space else None, overrides=overrides, backbones=backbones,
+                        study_name=study_name, results_dir=Path(results_dir), storage=storage, n_trials=n_trials,
+                        timeout=timeout, pruner=pruner, extend=extend, execution=execution)
+    if export is not None:  # refuse a bad target now, not after the search
+        from autoft.export.export import _check_target
+
+        _check_target(Path(export), True)
+    open_storage(req.storage_url)  # a storage that cannot be opened fails now, not after the data is read
+    engine = get_engine(backend)
+    ran = _Ran()
+    events = Events([ran, *callbacks])
+    tracker = make_tracker(track or task.track, experiment=None)
+    if tracker is not None:
+        events.callbacks.append(tracker)
+    task_data = task_data if task_data is not None else task.prepare(device=execution.device)
+    cache = FeatureCache()
+
+    interrupted = False
+    try:
+        study = engine.run(req, task_data=task_data, events=events, cache=cache, rank=None if rank else False)
+    except KeyboardInterrupt:
+        if backend == "ray":  # Ray Tune saved the experiment; nothing to report here
+            raise
+        interrupted = True
+        study = engine.open(req, n_train=len(task_data.splits.train))
+    trials = study.get_trials(deepcopy=False)
+    counts = state_counts(trials)
+    bt = best_trial(study)
+    test_metrics, export_dir = None, None
+    cfg = trial_config(bt, "the final check is skipped") if bt is not None and not interrupted else None
+    if cfg is not None:
+        if export is not None:
+            from autoft.export import export_trial
+
+            log.info("exporting trial #%d (its refit is the final check on the test split)", bt.number)
+            ex = export_trial(task, export, study=study, trial=bt.number, task_data=task_data, cache=cache)
+            test_metrics, export_dir = ex.test_metrics or None, ex.folder
+        elif final_check and len(task_data.splits.test):
+            log.info("final check: refitting trial #%d and scoring it once on the test split", bt.number)
+            test_metrics = fine_tune_and_score(cfg, task_data, cache=cache, test=True).test_metrics
+    rep = write_report(study, task, req.study_dir, test_metrics=test_metrics, space_file=req.space.file,
+                       root=req.results_dir)
+    budget_taken = (bt is None and not interrupted and ran.n == 0 and counts.get("fail", 0) == 0
+                    and (counts.get("running", 0) > 0 or any(t.user_attrs.get(ATTR_SURPLUS) for t in trials)))
+    result = SearchResult(study=study, task=task, results_dir=req.study_dir, storage=req.shown_storage,
+                          best_trial=bt, test_metrics=test_metrics, counts=counts, files=list(rep.files),
+                          export_dir=export_dir, interrupted=interrupted,
+                          budget_taken=budget_taken,
+                          seconds=time.perf_counter() - t0)
+    events.emit(SearchEnded(task=task.name, study=req.study_name, best_number=None if bt is None else bt.number,
+                            best_value=None if bt is None else bt.value, best_config=result.best_config,
+                            counts=counts, test_metrics=test_metrics, results_dir=req.study_dir,
+                            files=tuple(rep.files), ranking=tuple(study.user_attrs.get(ATTR_RANKING) or ()),
+                            export_dir=export_dir, interrupted=interrupted))
+    if bt is None and not interrupted and not result.budget_taken and counts.get("fail", 0):
+        common = most_common_failure(trials)
+        reason = f"; most common failure ({common[1]}x): {common[0]}" if common else ""
+        raise NoTrialCompleted(f"every trial of study '{req.study_name}' failed{reason} (results: {req.study_dir})",
+                               result)
+    return result
