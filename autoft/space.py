@@ -35,10 +35,10 @@ _INT_FIELDS = {n for n, f in TrialConfig.model_fields.items() if f.annotation is
 
 @functools.lru_cache(maxsize=None)
 def num_stages(backbone: str) -> int:
-    """Stage count of a backbone, without reading its weights."""
-    from autoft.zoo import get_backbone
+    """Stage count of a backbone, from its zoo record: no network is built and no weights are read."""
+    from autoft.zoo import get_record
 
-    return get_backbone(backbone, pretrained=False).num_stages
+    return get_record(backbone).stage_count()
 
 
 @dataclass

@@ -17,7 +17,7 @@ from autoft.core.model import Classifier
 from autoft.data import encode
 from autoft.data.encode import encode_texts
 from autoft.errors import UnknownBackboneError, WeightsError
-from autoft.zoo import get_backbone, get_spec, hf_text, list_backbones, torchvision_models
+from autoft.zoo import get_backbone, get_spec, hf_text, list_backbones
 from autoft.zoo.cifar_resnet import WEIGHTS, CifarResNet, load_published
 from autoft.zoo.weights import resolve
 
@@ -256,50 +256,6 @@ def test_minilm_stages_and_features_match_transformers(feature_cache):
     assert (feats - mean_pooled).abs().max() < 1e-4
 
 
-# --- torchvision backbones (architecture only: no ImageNet weights offline) --------------------------
-
-@pytest.mark.parametrize("name", torchvision_models.MODELS)
-def test_torchvision_backbones_shape(name):
-    import torchvision
-
-    torch.manual_seed(0)
-    bb = get_backbone(name, pretrained=False).eval()
-    torch.manual_seed(0)
-    net = torchvision.models.get_model(name, weights=None).eval()  # same init → same weights
-    head = net.fc if hasattr(net, "fc") else net.classifier
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-
-    assert bb.num_stages >= 9
-    assert bb.feature_dim == linears[0].in_features
-    assert bb.preprocessing.input_size == 224 and bb.preprocessing.modality == "image"
-    # every parameter of the feature extractor is in exactly one stage; none of the classifier's
-    assert _numel(bb.parameters()) == _numel(net.parameters()) - _numel(p for m in linears for p in m.parameters())
-    assert len({id(p) for p in bb.parameters()}) == len(list(bb.parameters()))
-
-    captured = {}
-    linears[0].register_forward_pre_hook(lambda m, args: captured.setdefault("features", args[0]))
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        net(x)
-        state = x
-        for stage in bb.stages:
-            state = stage(state)
-        feats = bb.pool(state)
-    assert feats.shape == (2, bb.feature_dim)
-    assert torch.allclose(feats, captured["features"], atol=1e-5)
-
-
-def test_torchvision_pretrained_offline_names_the_expected_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    expected = torchvision_models.checkpoint_path("resnet18")
-    assert expected.is_relative_to(tmp_path)
-    assert not get_spec("resnet18").available()
-    with pytest.raises(WeightsError) as err:
-        get_backbone("resnet18", pretrained=True)
-    assert str(expected) in str(err.value)
-    assert "resnet18-" in expected.name and expected.name in str(err.value)
-
-
 # --- weights: error paths and the download path ------------------------------------------------------
 
 def _corrupt_copy(src, dst) -> None:
@@ -423,7 +379,8 @@ def test_unknown_backbone_suggests_a_close_name():
 
 def test_registry_lists_every_family():
     specs = {s.name: s for s in list_backbones()}
-    assert {"resnet20", "resnet32", "resnet44", "resnet56", "minilm", "resnet18", "convnext_tiny"} <= set(specs)
-    assert {s.family for s in specs.values()} == {"cifar_resnet", "torchvision", "hf_text"}
+    assert {"resnet20", "resnet32", "resnet44", "resnet56", "minilm", "resnet18", "convnext_tiny", "vit_b_16",
+            "swin_t"} <= set(specs)
+    assert {"cifar_resnet", "torchvision", "hf_text"} <= {s.family for s in specs.values()}
     assert get_spec("all-minilm-l6-v2") is specs["minilm"]
     assert specs["minilm"].available() and specs["minilm"].modality == "text"

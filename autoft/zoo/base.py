@@ -7,11 +7,18 @@ last ``k`` stages and freezes the rest; frozen stages always run in eval mode (b
 statistics and dropout frozen), whatever ``train()`` says.
 
 A stage takes one *state* and returns the next one.  For images the state is a tensor
-``(N, C, H, W)``; for text it is a tuple ``(hidden_states, attention_mask)``.
+``(N, C, H, W)`` (``(N, D)`` once a network has pooled); for text it is a tuple
+``(hidden_states, attention_mask)``.
+
+Every parameter belongs to exactly one stage.  A parameter that several stages use (DeBERTa's
+relative position embeddings) belongs to the earliest of them, so that a frozen stage never
+depends on a trained parameter (the frozen prefix can be cached).  ``freeze_norm_stats`` keeps
+every batch-norm layer in eval mode, trained or not (checkpoints whose batch norm was folded into
+the convolutions, or very small batches).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -22,7 +29,12 @@ State = Any  # torch.Tensor or tuple[torch.Tensor, ...]
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw inputs become the first stage's input. Serialisable (goes into exports)."""
+    """How raw inputs become the first stage's input. Serialisable (goes into exports).
+
+    Images: ``input_size`` is the side of the square the network sees (the preset's crop size);
+    ``resize_size`` and ``interpolation`` complete the weights' preset (resize the shorter side,
+    then centre-crop ``input_size``; ``None``: resize straight to ``input_size``).  See
+    :meth:`image_preset` and :class:`autoft.zoo.ImagePreset`."""
 
     modality: str  # "image" | "text"
     input_size: int | None = None
@@ -31,6 +43,28 @@ class Preprocessing:
     channels: int = 3
     tokenizer: str | None = None  # folder or hub name of the tokenizer (text)
     max_length: int = 128
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_preset(cls, preset) -> "Preprocessing":
+        """From an :class:`ImagePreset` or a :class:`TextPreset`."""
+        from autoft.zoo._api import ImagePreset
+
+        if isinstance(preset, ImagePreset):
+            return cls(modality="image", input_size=preset.crop_size, mean=preset.mean, std=preset.std,
+                       resize_size=preset.resize_size, interpolation=preset.interpolation)
+        return cls(modality="text", tokenizer=preset.tokenizer, max_length=preset.max_length)
+
+    def image_preset(self):
+        """The image preset (:class:`autoft.zoo.ImagePreset`: resize_size, crop_size, interpolation,
+        mean, std) these settings describe."""
+        from autoft.zoo._api import ImagePreset
+
+        if self.modality != "image":
+            raise ValueError("a text backbone has no image preset")
+        return ImagePreset(crop_size=int(self.input_size), resize_size=self.resize_size,
+                           interpolation=self.interpolation, mean=self.mean, std=self.std)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,7 +103,7 @@ def state_to(state: State, device) -> State:
 
 class Backbone(nn.Module):
     def __init__(self, name: str, stages: list[nn.Module], pool: nn.Module, feature_dim: int,
-                 preprocessing: Preprocessing, meta: dict | None = None):
+                 preprocessing: Preprocessing, meta: dict | None = None, freeze_norm_stats: bool = False):
         super().__init__()
         self.name = name
         self.stages = nn.ModuleList(stages)
@@ -77,6 +111,9 @@ class Backbone(nn.Module):
         self.feature_dim = int(feature_dim)
         self.preprocessing = preprocessing
         self.meta: dict = dict(meta or {})
+        self.freeze_norm_stats = bool(freeze_norm_stats)
+        if self.freeze_norm_stats:
+            self.meta["batchnorm"] = "frozen"
         self.unfreeze = len(self.stages)
 
     @property
@@ -102,6 +139,10 @@ class Backbone(nn.Module):
         super().train(mode)
         for stage in self.stages[: self.split]:
             stage.eval()
+        if self.freeze_norm_stats:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def forward_stages(self, state: State, start: int = 0, end: int | None = None) -> State:
@@ -116,17 +157,9 @@ class Backbone(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-@dataclass
-class BackboneSpec:
-    """A zoo entry: how to build a backbone and whether its weights are on this machine."""
+def __getattr__(name: str):
+    if name == "BackboneSpec":  # the record replaced it; kept importable for old code
+        from autoft.zoo._api import BackboneRecord
 
-    name: str
-    family: str
-    modality: str
-    builder: Any  # callable(pretrained: bool) -> Backbone
-    available: Any  # callable() -> bool
-    description: str = ""
-    aliases: tuple[str, ...] = field(default_factory=tuple)
-
-    def build(self, pretrained: bool = True) -> Backbone:
-        return self.builder(pretrained=pretrained)
+        return BackboneRecord
+    raise AttributeError(name)

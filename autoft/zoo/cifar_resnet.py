@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoft.errors import WeightsError
-from autoft.zoo.base import Backbone, BackboneSpec, Preprocessing
-from autoft.zoo.weights import WeightsSpec, load_state
+from autoft.zoo._api import ImagePreset, WeightsSource, register_backbone
+from autoft.zoo.base import Backbone, Preprocessing
+from autoft.zoo.weights import WeightsSpec, load_state, read_state_file
 
 _BASE = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 WEIGHTS: dict[int, WeightsSpec] = {
@@ -29,8 +30,10 @@ WEIGHTS: dict[int, WeightsSpec] = {
                     "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
                     {"cifar10_top1": 93.39}),
 }
-PREPROCESSING = Preprocessing(modality="image", input_size=32, mean=(0.485, 0.456, 0.406),
-                              std=(0.229, 0.224, 0.225), channels=3)
+PRESET = ImagePreset(crop_size=32, resize_size=None, interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                     std=(0.229, 0.224, 0.225))
+PREPROCESSING = Preprocessing.from_preset(PRESET)
+LICENCE = "BSD-2-Clause (akamaster/pytorch_resnet_cifar10)"
 
 
 class ShortcutA(nn.Module):
@@ -111,17 +114,28 @@ class GlobalAvgPool(nn.Module):
 def load_published(depth: int) -> tuple[CifarResNet, dict]:
     """The published network with its weights, and the checkpoint's metadata (``best_prec1``)."""
     spec = WEIGHTS[depth]
-    ckpt = load_state(spec)
+    return _from_checkpoint(depth, load_state(spec), str(spec.local_path()))
+
+
+def _from_checkpoint(depth: int, ckpt, where: str) -> tuple[CifarResNet, dict]:
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and "conv1.weight" in {
+            k.removeprefix("module.") for k in ckpt}:
+        ckpt = {"state_dict": ckpt}  # a bare state dict (a local checkpoint)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise WeightsError(f"{spec.local_path()} is not a CIFAR ResNet checkpoint (no 'state_dict')")
+        raise WeightsError(f"{where} is not a CIFAR ResNet checkpoint (no 'state_dict')")
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
     net = CifarResNet(depth)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{spec.local_path()} does not match ResNet-{depth}: {exc}") from None
+        raise WeightsError(f"{where} does not match ResNet-{depth}: {exc}") from None
     meta = {k: (float(v) if torch.is_tensor(v) else v) for k, v in ckpt.items() if k != "state_dict"}
     return net, meta
+
+
+def split(net: CifarResNet) -> tuple[list[nn.Module], nn.Module, int]:
+    """Stages (stem, then each residual block), the pool, the feature width."""
+    return [Stem(net.conv1, net.bn1), *net.blocks()], GlobalAvgPool(), 64
 
 
 def build(depth: int, pretrained: bool = True) -> Backbone:
@@ -130,16 +144,60 @@ def build(depth: int, pretrained: bool = True) -> Backbone:
     else:
         net, meta = CifarResNet(depth), {}
     meta = {**WEIGHTS[depth].meta, **meta, "weights": WEIGHTS[depth].filename if pretrained else None}
-    stages = [Stem(net.conv1, net.bn1), *net.blocks()]
-    return Backbone(f"resnet{depth}", stages, GlobalAvgPool(), 64, PREPROCESSING, meta)
+    stages, pool, width = split(net)
+    return Backbone(f"resnet{depth}", stages, pool, width, PREPROCESSING, meta)
 
 
-def specs() -> list[BackboneSpec]:
-    out = []
-    for depth, w in WEIGHTS.items():
-        out.append(BackboneSpec(
-            name=f"resnet{depth}", family="cifar_resnet", modality="image",
-            builder=lambda pretrained=True, d=depth: build(d, pretrained),
-            available=w.is_available,
-            description=f"CIFAR-10 ResNet-{depth} (He et al. 2016), 32x32 input"))
-    return out
+def build_from_file(depth: int, path, sha256: str, name: str, preprocessing: Preprocessing | None = None,
+                    pretrained: bool = True, **backbone_kwargs) -> Backbone:
+    """A CIFAR ResNet with the weights of a local (verified) checkpoint."""
+    from autoft.zoo.weights import verify_file
+
+    if pretrained:
+        net, meta = _from_checkpoint(depth, read_state_file(verify_file(path, sha256)), str(path))
+    else:
+        net, meta = CifarResNet(depth), {}
+    stages, pool, width = split(net)
+    return Backbone(name, stages, pool, width, preprocessing or PREPROCESSING, meta, **backbone_kwargs)
+
+
+def _params(depth: int) -> int:
+    n = (depth - 2) // 6
+    # stem conv + bn, then per block two 3x3 convs + two bns (widths 16, 32, 64)
+    total = 3 * 16 * 9 + 2 * 16
+    c_in = 16
+    for c in (16, 32, 64):
+        for _ in range(n):
+            total += c_in * c * 9 + c * c * 9 + 4 * c
+            c_in = c
+    return total
+
+
+def _register(depth: int):
+    w = WEIGHTS[depth]
+    return register_backbone(
+        f"resnet{depth}", family="cifar_resnet", modality="image",
+        weights=WeightsSource("url", w.url, w.sha256), preset=PRESET, num_stages=3 * ((depth - 2) // 6) + 1,
+        feature_dim=64, num_params=_params(depth), metrics={"CIFAR-10 acc@1": w.meta["cifar10_top1"]},
+        licence=LICENCE, available_fn=w.is_available, architecture=f"cifar_resnet:resnet{depth}",
+        description=f"CIFAR-10 ResNet-{depth} (He et al. 2016), 32x32 input")
+
+
+@_register(20)
+def resnet20(pretrained: bool = True) -> Backbone:
+    return build(20, pretrained)
+
+
+@_register(32)
+def resnet32(pretrained: bool = True) -> Backbone:
+    return build(32, pretrained)
+
+
+@_register(44)
+def resnet44(pretrained: bool = True) -> Backbone:
+    return build(44, pretrained)
+
+
+@_register(56)
+def resnet56(pretrained: bool = True) -> Backbone:
+    return build(56, pretrained)

@@ -127,7 +127,22 @@ def resolve(spec: WeightsSpec) -> Path:
 
 def load_state(spec: WeightsSpec) -> dict:
     """The verified file's contents, read with ``weights_only=True`` (tensors and plain containers)."""
-    path = resolve(spec)
+    return read_state_file(resolve(spec))
+
+
+def read_state_file(path: Path) -> dict:
+    """A file's tensors: safetensors files through ``safetensors`` (no code can run), anything else
+    with ``torch.load(..., weights_only=True)``.  Call only on a verified file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise WeightsError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise WeightsError(f"could not read weights file {path} ({type(exc).__name__}: {exc})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -140,3 +155,56 @@ def load_state(spec: WeightsSpec) -> dict:
             f"weights file {path} holds more than tensors{found}. Reading it would run pickled code, "
             "which autoft never allows (torch.load with weights_only=True refused it); it was not loaded. "
             "Use a checkpoint that holds only a state dict of tensors.") from None
+
+
+# --- files that are not downloaded by autoft ---------------------------------------------------------
+
+def verify_file(path: Path, sha256: str, what: str = "weights file") -> Path:
+    """Check that ``path`` exists and hashes to ``sha256`` (full hash, or a prefix of at least 8
+    hex digits) before anything reads it; :class:`WeightsError` naming the file otherwise."""
+    path = Path(path)
+    expected = (sha256 or "").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", expected):
+        raise WeightsError(f"{what} {path}: the recorded sha256 {sha256!r} is not a hex digest; refusing to load "
+                           "a file that cannot be verified (write the file's full sha256, e.g. from 'sha256sum')")
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} does not exist")
+    digest = sha256_of(path)
+    if not _matches(digest, expected):
+        raise WeightsError(
+            f"{what} {path} has sha256 {digest}, expected {_kind(expected)} {expected}. The file is corrupt or "
+            "not the declared one; refusing to load it (it was not read).")
+    return path
+
+
+def load_verified(path: Path, sha256: str, what: str = "weights file") -> dict:
+    """``verify_file`` then :func:`read_state_file`."""
+    return read_state_file(verify_file(path, sha256, what))
+
+
+def verify_hub_blob(path: Path, what: str = "weights file") -> Path:
+    """A file in a Hugging Face hub cache (``.../snapshots/<rev>/<file>``, a link to
+    ``.../blobs/<sha256>`` for large files): its content must hash to its blob name."""
+    path = Path(path)
+    blob = path.resolve()
+    name = blob.name
+    if not re.fullmatch(r"[0-9a-f]{64}", name):
+        raise WeightsError(f"{what} {path} is not a content-addressed blob of a Hugging Face cache (its target "
+                           f"{blob} is not named by a sha256); refusing to load a file that cannot be verified")
+    return verify_file(blob, name, what)
+
+
+def package_file_sha256(package: str, relpath: str) -> str | None:
+    """The sha256 an installed distribution's RECORD lists for one of its files (None if unlisted)."""
+    import base64
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.as_posix() == relpath and f.hash is not None and f.hash.mode == "sha256":
+            raw = base64.urlsafe_b64decode(f.hash.value + "=" * (-len(f.hash.value) % 4))
+            return raw.hex()
+    return None
