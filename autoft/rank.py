@@ -27,6 +27,7 @@ import torch
 from autoft.core.cache import FeatureCache
 from autoft.core.config import TrialConfig
 from autoft.core.train import TaskData
+from autoft.core.device import resolve_device
 from autoft.study.record import ATTR_FIRST_TRIAL, ATTR_RANKING
 from autoft.errors import AutoftError, ConfigError
 from autoft.zoo.base import Backbone
@@ -124,7 +125,7 @@ def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCach
     bb.set_unfreeze(0)
     encoded, digest = cache.encoded(task.data, bb.preprocessing)
     rows = torch.from_numpy(np.union1d(task.splits.train, task.splits.val)).long()
-    feats = cache.prefix(bb, encoded, digest, bb.num_stages, task.device if task.device != "auto" else "cpu",
+    feats = cache.prefix(bb, encoded, digest, bb.num_stages, resolve_device(task.device),
                          rows=rows)
     want = np.sort(np.concatenate([getattr(task.splits, s) for s in on]))
     pos = np.searchsorted(rows.numpy(), want)

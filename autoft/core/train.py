@@ -68,9 +68,11 @@ class FineTuneResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The trial's torch device: the search resolves it once (:func:`autoft.core.device.resolve_device`,
+    so the ranking, every trial and the final check agree); a direct caller may still pass ``auto``."""
+    from autoft.core.device import resolve_device as resolve
+
+    return torch.device(resolve(device))
 
 
 def _lr_lambda(cfg: TrialConfig, total_steps: int):
