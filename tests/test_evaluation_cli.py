@@ -327,3 +327,34 @@ def test_suite_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="no suite named 'cifar-digit'.*did you mean 'cifar-digits'"):
         load_suite("cifar-digit")
     assert load_suite("cifar-digits").backbones == ["resnet20", "resnet32", "resnet44", "resnet56"]
+
+
+def test_export_carries_calibration_and_predict_applies_it(sms_length_task, feature_cache, tmp_path):
+    """Active once autoft.export writes calibration.json (the integration of autoft.evaluation)."""
+    import autoft.export.export as X
+
+    if not hasattr(X, "fit_export_calibration"):
+        pytest.skip("autoft.export does not carry calibration.json yet")
+    from autoft.api import search
+    from autoft.evaluation.sources import evaluate_export
+    from autoft.export import load_exported
+
+    task, td = sms_length_task
+    r = search(task, overrides={"unfreeze": 0, "epochs": 2}, n_trials=1, rank=False, results_dir=tmp_path / "results",
+               final_check=False, task_data=td)
+    X.export_trial(task, tmp_path / "export", study=r.study, task_data=td, cache=feature_cache, formats=("torchscript",))
+    cal = json.loads((tmp_path / "export" / "calibration.json").read_text())
+    assert cal["threshold"] is not None and cal["positive_class"] == "spam" and cal["temperature"] > 0
+    assert "calibration.json" in json.loads((tmp_path / "export" / "manifest.json").read_text())["files"]
+    m = load_exported(tmp_path / "export")
+    rows = np.sort(td.splits.test)
+    texts = [td.data.inputs[i] for i in rows]
+    preds = m.predict(texts)
+    p_spam = preds.probabilities[:, m.classes.index("spam")]
+    assert (np.array(preds.labels) == np.where(p_spam >= cal["threshold"], "spam", "ham")).all()
+    z = m.logits(texts)  # raw logits; probabilities use the temperature
+    assert np.allclose(preds.probabilities, np.exp(z / cal["temperature"]) / np.exp(z / cal["temperature"]).sum(1,
+                       keepdims=True), atol=1e-5)
+    ev = evaluate_export(tmp_path / "export", task=task, out=tmp_path / "ev", n_boot=50, explain=0, html=False)
+    assert ev.summary["calibration_source"] == "export" and ev.calibration.threshold == cal["threshold"]
+    assert (pd.read_csv(tmp_path / "ev" / "predictions.csv").predicted.to_numpy() == np.array(preds.labels)).all()

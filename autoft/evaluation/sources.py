@@ -80,11 +80,25 @@ def resolve_groups(data, *, source: str | Path | None = None, group_column: str 
                               texts=data.inputs if data.modality == "text" else None), "group"
 
 
-def task_groups(task, data, **options) -> tuple[np.ndarray | None, str]:
-    """:func:`resolve_groups` for a task's own data (its table, its columns)."""
+def task_groups(task, data, *, group_column: str | None = None, groups_file: str | Path | None = None,
+                length_bands: list[int] | None = None) -> tuple[np.ndarray | None, str]:
+    """:func:`resolve_groups` for a task's own data (its table, its columns).  Without options, the
+    task file's ``fairness`` section when it has one (``group_column``, ``groups_file`` relative to the
+    task file, or ``length_bands``)."""
     d = task.data
-    return resolve_groups(data, source=task.data_path(), text_column=d.text_column, label_column=d.label_column,
-                          sep=d.sep, encoding=d.encoding, **options)
+    spec = getattr(task, "fairness", None)
+    if spec is not None and not (group_column or groups_file or length_bands):
+        group_column = getattr(spec, "group_column", None)
+        length_bands = getattr(spec, "length_bands", None)
+        groups_file = getattr(spec, "groups_file", None)
+        if groups_file:
+            from autoft.task import expand_vars
+
+            groups_file = expand_vars(str(groups_file), task.file, "fairness.groups_file")
+    source = task.data_path() if d.path else None
+    return resolve_groups(data, source=source, group_column=group_column, groups_file=groups_file,
+                          length_bands=length_bands, text_column=d.text_column, label_column=d.label_column,
+                          sep=d.sep, encoding=d.encoding)
 
 
 # -- a trial of a study -----------------------------------------------------------------------------
