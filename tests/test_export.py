@@ -1,7 +1,8 @@
 """Export a searched trial, serve it without training code, and fail clearly on broken folders.
 
 Real data and weights: a 2-trial digits search (resnet20, last stage unfrozen, 1 epoch) and a
-2-trial search on 200 real SMS messages (MiniLM, head only, 1 epoch), each exported once per module.
+2-trial search on 200 real SMS messages (MiniLM, head only, 1 epoch), each exported once per module
+(model.pt2, model.onnx and model.ts; the formats themselves: tests/test_export_formats.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from autoft.engines.optuna_engine import run_study
 from autoft.errors import ConfigError, ExportError
 from autoft.export import export_trial, load_exported
 from autoft.export.export import rebuild_model
+from autoft.export.runtime import load_pt2
 from autoft.task import load_task, parse_task
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -82,14 +85,19 @@ def _check_formats_match_pytorch(res, td):
     import onnxruntime as ort
 
     ref, state = _pytorch_logits(res, td)
-    ts = torch.jit.load(str(res.folder / "model.ts"))
+    program = load_pt2(res.folder / "model.pt2").module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy format: torch.jit.load is deprecated (FutureWarning)
+        ts = torch.jit.load(str(res.folder / "model.ts"))
     sess = ort.InferenceSession(str(res.folder / "model.onnx"), providers=["CPUExecutionProvider"])
     names = json.loads((res.folder / "model.json").read_text())["inputs"]
     with torch.no_grad():
+        pt2_out = torch.cat([program(*[s[i:i + 64] for s in state]) for i in range(0, len(state[0]), 64)])
         ts_out = torch.cat([ts(*[s[i:i + 64] for s in state]) for i in range(0, len(state[0]), 64)])
     onnx_out = np.concatenate([sess.run(None, {n: s[i:i + 64].numpy() for n, s in zip(names, state)})[0]
                                for i in range(0, len(state[0]), 64)])
     assert ref.shape == (len(td.splits.test), td.data.num_classes)
+    assert (pt2_out - ref).abs().max().item() <= 1e-4
     assert (ts_out - ref).abs().max().item() <= 1e-4
     assert np.abs(onnx_out - ref.numpy()).max() <= 1e-4
     # the plain state_dict rebuilds the same network
@@ -117,8 +125,8 @@ def test_export_folder_is_complete_and_describes_the_trial(digits_export):
     listed = set(manifest["files"])
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
     assert listed == on_disk
-    assert {"config.yaml", "classes.json", "preprocessing.json", "metrics.json", "model.ts", "model.onnx",
-            "model.pt", "model.json", "README.md"} <= listed
+    assert {"config.yaml", "classes.json", "preprocessing.json", "metrics.json", "model.pt2", "model.ts",
+            "model.onnx", "model.pt", "model.json", "README.md"} <= listed
     assert yaml.safe_load((folder / "config.yaml").read_text()) == best.user_attrs["config"]
     assert json.loads((folder / "classes.json").read_text()) == td.data.class_names
     pre = json.loads((folder / "preprocessing.json").read_text())
@@ -130,13 +138,14 @@ def test_export_folder_is_complete_and_describes_the_trial(digits_export):
     assert metrics["refit"]["validation"]["accuracy"] == pytest.approx(best.value, abs=1e-6)
     info = json.loads((folder / "model.json").read_text())
     assert info["architecture"] == "resnet20" and info["inputs"] == ["pixel_values"]
-    assert info["verification"]["torchscript_max_abs_diff"] <= 1e-4
+    for fmt in ("pt2", "onnx", "torchscript"):
+        assert info["verification"][f"{fmt}_max_abs_diff"] <= 1e-4
     card = (folder / "README.md").read_text()
     for needle in ("# digits", "resnet20", "2 trials", "train 1259", "torch ", "test (refit"):
         assert needle in card, needle
 
 
-def test_torchscript_and_onnx_match_pytorch_on_digits_test_split(digits_export):
+def test_every_format_matches_pytorch_on_digits_test_split(digits_export):
     _, td, _, res, _ = digits_export
     _check_formats_match_pytorch(res, td)
 
@@ -144,7 +153,7 @@ def test_torchscript_and_onnx_match_pytorch_on_digits_test_split(digits_export):
 def test_predict_accuracy_equals_refit_test_accuracy_digits(digits_export, tmp_path):
     _, td, _, res, _ = digits_export
     reported = res.test_metrics["accuracy"]
-    for backend in ("torchscript", "onnx"):
+    for backend in ("pt2", "onnx", "torchscript"):
         assert _runtime_accuracy(res.folder, td, backend) == pytest.approx(reported, abs=1e-6)
     # the command line, from PNG files in one folder per class
     from PIL import Image
@@ -171,22 +180,45 @@ def test_refit_on_train_and_validation(digits_export, tmp_path, feature_cache):
     assert metrics["refit"]["trained_on"] == ["train", "val"] and metrics["refit"]["validation"] is None
     info = json.loads((res.folder / "model.json").read_text())
     assert info["files"]["onnx"] is None and not (res.folder / "model.onnx").exists()
+    assert info["files"]["pt2"] is None and not (res.folder / "model.pt2").exists()
+    assert info["formats"] == ["torchscript"] and info["fallbacks"] == []  # asked for, not a fallback
     assert _runtime_accuracy(res.folder, td, "torchscript") == pytest.approx(res.test_metrics["accuracy"], abs=1e-6)
     with pytest.raises(ExportError, match="no onnx model"):
         load_exported(res.folder, "onnx")
 
 
-def test_torchscript_and_onnx_match_pytorch_on_sms_test_split(sms_export):
+def test_every_format_matches_pytorch_on_sms_test_split(sms_export):
     _, td, _, res, _ = sms_export
     assert (res.folder / "tokenizer" / "tokenizer.json").is_file()
     assert (res.folder / "tokenizer" / "vocab.txt").is_file()
     _check_formats_match_pytorch(res, td)
 
 
+def test_text_pt2_has_a_dynamic_batch_and_sequence_length(sms_export):
+    _, td, _, res, _ = sms_export
+    info = json.loads((res.folder / "model.json").read_text())
+    # torch.export captures MiniLM: no fallback to TorchScript
+    assert info["files"]["pt2"] == "model.pt2" and info["preferred_backend"] == "pt2"
+    assert "pt2" not in info["export_errors"] and info["fallbacks"] == [] and info["onnx_exporter"] == "dynamo"
+    assert info["dynamic_dims"] == {"batch": {"min": 1, "max": None}, "sequence": {"min": 1, "max": 128}}
+    assert info["verification"]["pt2_max_abs_diff"] <= 1e-4 and info["verification"]["runtime_pt2_max_abs_diff"] <= 1e-4
+    program = load_pt2(res.folder / "model.pt2").module()
+    texts = _test_inputs(td)[0]
+    pre = res.model.backbone.preprocessing
+    lengths = set()
+    for batch in ([texts[0]], texts[:5], [texts[1] * 30, texts[2]]):  # 1 text, 5 texts, one truncated to 128
+        ids, mask = encode(batch, pre)
+        lengths.add(ids.shape[1])
+        with torch.no_grad():
+            assert (program(ids, mask) - res.model((ids, mask))).abs().max().item() <= 1e-4
+    assert len(lengths) == 3 and max(lengths) == 128
+
+
 def test_predict_accuracy_equals_refit_test_accuracy_sms(sms_export, tmp_path, capsys):
     _, td, _, res, _ = sms_export
     reported = res.test_metrics["accuracy"]
-    assert _runtime_accuracy(res.folder, td, "torchscript") == pytest.approx(reported, abs=1e-6)
+    for backend in ("pt2", "torchscript"):
+        assert _runtime_accuracy(res.folder, td, backend) == pytest.approx(reported, abs=1e-6)
     inputs, labels = _test_inputs(td)
     table = tmp_path / "test.tsv"
     table.write_text("SMS\tLabel\n" + "".join(f"{x}\t{td.data.class_names[y]}\n" for x, y in zip(inputs, labels)),
@@ -268,7 +300,7 @@ def test_missing_onnxruntime_is_a_clear_error(digits_export, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     with pytest.raises(ExportError, match="backend 'onnx' needs the onnxruntime package.*pip install onnxruntime"):
         load_exported(digits_export[3].folder, backend="onnx")
-    assert load_exported(digits_export[3].folder).backend == "torchscript"  # the default still works
+    assert load_exported(digits_export[3].folder).backend == "pt2"  # the default needs no onnxruntime
 
 
 def test_export_input_errors(digits_export, tmp_path):

@@ -194,7 +194,7 @@ def test_swapped_classes_with_their_manifest_entry_removed_are_refused(folder):
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "preprocessing.json", "metrics.json", "model.json", "README.md",
-                                  "model.pt", "model.ts", "model.onnx"])
+                                  "model.pt", "model.pt2", "model.ts", "model.onnx"])
 def test_every_file_an_export_writes_must_be_listed(folder, name):
     doc = manifest(folder)
     del doc["files"][name]
@@ -203,16 +203,18 @@ def test_every_file_an_export_writes_must_be_listed(folder, name):
         load_exported(folder)
 
 
-def test_model_file_outside_the_folder_is_refused(folder, tmp_path):
+@pytest.mark.parametrize("fmt, name", [("torchscript", "model.ts"), ("pt2", "model.pt2")])
+def test_model_file_outside_the_folder_is_refused(folder, tmp_path, fmt, name):
     outside = tmp_path / "outside"
     outside.mkdir()
-    shutil.copy(folder / "model.ts", outside / "evil.ts")
-    for target in ("../outside/evil.ts", str(outside / "evil.ts")):
+    evil = "evil" + Path(name).suffix
+    shutil.copy(folder / name, outside / evil)
+    for target in (f"../outside/{evil}", str(outside / evil)):
         info = json.loads((folder / "model.json").read_text())
-        info["files"]["torchscript"] = target
+        info["files"][fmt] = target
         (folder / "model.json").write_text(json.dumps(info))
         relist(folder, "model.json")
-        relist(folder, target, outside / "evil.ts")  # even listed with the right hash
+        relist(folder, target, outside / evil)  # even listed with the right hash
         with pytest.raises(ExportError, match=rf"{target}.*outside the folder"):
             load_exported(folder)
         with pytest.raises(ExportError, match="outside the folder"):

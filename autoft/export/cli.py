@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from autoft.export.runtime import BACKENDS, MODEL_FORMATS
+
 
 def add_parser(subparsers) -> None:
     e = subparsers.add_parser(
         "export", help="refit the best (or a chosen) trial and write a self-contained model folder",
         description="Refit a trial of a study with its exact configuration and seed, score it once on the test "
-                    "split, and write config, classes, preprocessing, metrics, TorchScript + ONNX + state_dict, "
-                    "a model card and a sha256 manifest to --out.")
+                    "split, and write config, classes, preprocessing, metrics, the model (torch.export .pt2, ONNX, "
+                    "TorchScript (legacy) and a state_dict), a model card and a sha256 manifest to --out.")
     e.add_argument("--task", required=True, help="task name (tasks/NAME.yaml or built-in) or path")
     e.add_argument("--study", "--study-name", dest="study_name", default="default",
                    help="study name (default: default)")
@@ -23,8 +25,9 @@ def add_parser(subparsers) -> None:
                    help="refit on train + validation (default: train only, as in the search)")
     e.add_argument("--results-dir", default="results", help="where the search wrote results (default: ./results)")
     e.add_argument("--storage", help="Optuna storage URL (default: sqlite under <results-dir>/<task>/)")
-    e.add_argument("--formats", default="torchscript,onnx",
-                   help="comma-separated model formats: torchscript, onnx (default: both)")
+    e.add_argument("--formats", default=",".join(MODEL_FORMATS),
+                   help=f"comma-separated model formats: {', '.join(MODEL_FORMATS)} (default: all). torchscript is "
+                        "legacy; it is also written when torch.export cannot capture the model (pt2 -> torchscript)")
     e.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
@@ -37,8 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--label-column", help="CSV/TSV column of true labels: also report accuracy")
     p.add_argument("--folder-labels", action="store_true",
                    help="images: the name of each image's folder is its true label; also report accuracy")
-    p.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto",
-                   help="auto = TorchScript when exported, else ONNX (onnx needs onnxruntime)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="auto",
+                   help="auto = the first the folder holds of " + ", ".join(MODEL_FORMATS)
+                        + " (onnx needs onnxruntime; torchscript is legacy)")
     p.add_argument("--batch-size", type=int, help="inputs per forward pass (default: 256 images / 64 texts)")
     p.add_argument("--out", help="write a CSV (input, prediction, probability, p_<class>...) instead of a table")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in the table (default 50)")
@@ -52,6 +56,8 @@ def _console():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from autoft.export.export import export_trial
 
     console = _console()
@@ -74,6 +80,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     checks = [f"{k.removesuffix('_max_abs_diff').replace('_', ' ')} {val:.2g}" for k, val in v.items()
               if k.endswith("_max_abs_diff") and val is not None]
     console.print(f"checked against PyTorch on {v.get('examples')} test examples (max |Δlogit|): " + ", ".join(checks))
+    info = res.info or {}
+    secs = info.get("export_seconds") or {}
+    console.print("model formats: " + ", ".join(
+        f"{f}" + (" (legacy)" if f in info.get("legacy_formats", []) else "")
+        + (f" via the {info.get('onnx_exporter')} exporter" if f == "onnx" else "")
+        + (f" {secs[f]:.1f}s" if f in secs else "") for f in info.get("formats", [])), markup=False)
+    for note in info.get("fallbacks") or []:
+        console.print(f"[yellow]fallback[/]: {escape(note)}")
     console.print(f"wrote {res.folder} ({len(res.files)} files, {res.seconds:.1f}s): {', '.join(res.files)}")
     return 0
 

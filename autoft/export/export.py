@@ -9,16 +9,25 @@ split, and writes::
     preprocessing.json   input size and normalisation (image) / tokenizer and max_length (text)
     tokenizer/           text only: tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json
     metrics.json         validation metrics from the search, test metrics from the refit
-    model.ts             TorchScript: encoded input → logits
-    model.onnx           ONNX (dynamic batch, and sequence length for text)
+    model.pt2            torch.export program (torch.export.save): encoded input → logits, dynamic batch
+                         (and sequence length for text); the primary PyTorch format
+    model.onnx           ONNX from the dynamo-based exporter (torch.onnx.export(..., dynamo=True)); the legacy
+                         TorchScript-based exporter only as a fallback, named in model.json 'onnx_exporter'
+    model.ts             TorchScript (legacy, torch.jit is deprecated: written for one more release)
     model.pt             plain state_dict of the Classifier (architecture in model.json)
     model.json           architecture, inputs/outputs, files, provenance, export self-check
     README.md            model card
     manifest.json        sha256 of every file; loading checks it
 
-Before the folder is written, the TorchScript and ONNX models and the stand-alone runtime
-(:mod:`autoft.export.runtime`, which re-implements preprocessing) are checked against the PyTorch
-model on test examples: any difference above ``1e-4`` is an :class:`ExportError`.
+Where torch.export cannot capture the model, the PyTorch format falls back in the order of
+:data:`PYTORCH_FALLBACK` (pt2 → torchscript): a warning is logged, the card and ``model.json``
+('fallbacks', 'export_errors') say so, and model.ts is written even when ``formats`` did not ask for it.
+
+Before the folder is written, every model file written (read back from disk, except TorchScript, which
+is checked as traced: reading it back needs the deprecated torch.jit.load) and the stand-alone runtime
+(:mod:`autoft.export.runtime`, which re-implements preprocessing, with the backend ``"auto"`` prefers)
+are checked against the PyTorch model on test examples: any difference above ``1e-4`` is an
+:class:`ExportError` (for pt2 and the dynamo ONNX exporter: a fallback, as for a capture that failed).
 """
 from __future__ import annotations
 
@@ -46,14 +55,18 @@ from autoft.core import FeatureCache, TrialConfig, fine_tune_and_score
 from autoft.core.train import TaskData
 from autoft.study.record import ATTR_CONFIG, ATTR_METRICS
 from autoft.errors import ConfigError, ExportError
-from autoft.export.runtime import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_INFO, load_exported, sha256_file
+from autoft.export.runtime import (FORMAT, LEGACY_FORMATS, MANIFEST, MODEL_FORMATS, MODEL_INFO, load_exported,
+                                   load_pt2, min_format_version, sha256_file)
 from autoft.task import Task, load_task
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = MODEL_FORMATS  # ("pt2", "onnx", "torchscript"): all written by default
+MODEL_FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts"}
+PYTORCH_FALLBACK = ("pt2", "torchscript")  # the PyTorch format, in order, when torch.export cannot capture a model
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-ONNX_OPSET = 17
+ONNX_OPSET: int | None = None  # dynamo exporter: torch's default (20 in torch 2.14); model.json records the opset
+LEGACY_ONNX_OPSET = 17  # the legacy TorchScript-based exporter (fallback)
 ATOL = 1e-4  # exported outputs must match the PyTorch model's within this (absolute, on logits)
 VERIFY_EXAMPLES = 64
 
@@ -102,6 +115,9 @@ class ExportResult:
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     model: nn.Module | None = field(default=None, repr=False)  # the refit PyTorch Classifier (eval mode)
+    # model.json's model part: files, formats (in backend 'auto' order), export_errors, fallbacks, onnx_exporter,
+    # export_seconds per format, ...
+    info: dict = field(default_factory=dict, repr=False)
 
 
 def open_study(task: Task, study_name: str = "default", results_dir: str | Path = "results",
@@ -154,7 +170,7 @@ def search_summary(study: optuna.Study) -> dict:
 
 
 def library_versions(modality: str) -> dict[str, str]:
-    names = ["autoft", "torch", "numpy", "optuna", "onnx", "onnxruntime"]
+    names = ["autoft", "torch", "numpy", "optuna", "onnx", "onnxscript", "onnxruntime"]
     names += ["transformers", "tokenizers"] if modality == "text" else ["torchvision", "pillow"]
     out = {"python": platform.python_version()}
     for n in names:
@@ -173,6 +189,9 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
                  overwrite: bool = True) -> ExportResult:
     """Refit a trial (the best by default) and write a self-contained folder to ``out``.
 
+    ``formats``: some of :data:`FORMATS` (``"pt2"``, ``"onnx"``, ``"torchscript"``; all by default).  When
+    torch.export cannot capture the model, ``"torchscript"`` is written instead of ``"pt2"`` (logged as a
+    warning and stated in the card and ``model.json``).
     ``train_val`` refits on training + validation data (same epochs, seed and recipe).  ``study`` is
     a study name (loaded from ``results_dir`` / ``storage``) or an ``optuna.Study``.  An existing
     export in ``out`` is replaced when ``overwrite``: a folder whose ``manifest.json`` (format
@@ -229,7 +248,7 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
                         validation_score=ft.value, validation_metrics=dict(ft.user_attrs.get(ATTR_METRICS) or {}),
                         test_metrics=res.test_metrics or {}, refit_validation_metrics=refit_val,
                         trained_on=trained_on, verification=verification, files=files,
-                        seconds=time.perf_counter() - t0, model=model)
+                        seconds=time.perf_counter() - t0, model=model, info=info)
 
 
 def _umask() -> int:
@@ -385,6 +404,37 @@ def _batched(fn, tensors: tuple[torch.Tensor, ...], batch: int = 64) -> np.ndarr
                            for i in range(0, n, batch)])
 
 
+def _parity_inputs(inputs: tuple[torch.Tensor, ...], modality: str) -> list[tuple[torch.Tensor, ...]]:
+    """The encoded test examples in batches of 64, and a few alone: batch size 1, and for text each at its own
+    length (padding removed), so that the dynamic dimensions are exercised, not only the example's shape."""
+    out = [tuple(t[i:i + 64] for t in inputs) for i in range(0, len(inputs[0]), 64)]
+    for i in range(min(4, len(inputs[0]))):
+        one = tuple(t[i:i + 1] for t in inputs)
+        if modality == "text":
+            n = max(1, int(one[1].sum()))
+            one = tuple(t[:, :n] for t in one)
+        out.append(one)
+    return out
+
+
+def _max_diff(fn, batches: list, ref: list[np.ndarray]) -> float:
+    with torch.no_grad():
+        return max(float(np.abs(np.asarray(fn(b), dtype=np.float32) - r).max()) for b, r in zip(batches, ref))
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def dynamic_shapes(modality: str, pre) -> dict:
+    """torch.export dynamic dimensions: batch (>= 1), and for text the sequence (1 .. max_length)."""
+    batch = torch.export.Dim("batch", min=1)
+    if modality == "text":
+        seq = torch.export.Dim("sequence", min=1, max=int(pre.max_length))
+        return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    return {"pixel_values": {0: batch}}
+
+
 def _write_models(model: nn.Module, pre, td: TaskData, folder: Path, formats) -> tuple[dict, dict]:
     modality = pre.modality
     net = wrap(model, modality)
@@ -392,46 +442,90 @@ def _write_models(model: nn.Module, pre, td: TaskData, folder: Path, formats) ->
     idx = _example_indices(td, VERIFY_EXAMPLES)
     inputs = _encode(td, idx, pre)
     example = tuple(t[:8] for t in inputs)  # batch > 1 so that no dimension is specialised to 1
-    ref = _batched(lambda ts: net(*ts).numpy(), inputs)
-    files: dict[str, str | None] = {"torchscript": None, "onnx": None, "state_dict": "model.pt"}
+    batches = _parity_inputs(inputs, modality)
+    with torch.no_grad():
+        ref = [net(*b).numpy() for b in batches]
+    files: dict[str, str | None] = {"pt2": None, "onnx": None, "torchscript": None, "state_dict": "model.pt"}
     errors: dict[str, str] = {}
+    fallbacks: list[str] = []
+    seconds: dict[str, float] = {}
+    onnx_exporter = opset = None
     verification: dict = {"examples": int(len(idx)), "atol": ATOL}
+    want = [f for f in FORMATS if f in formats]
 
     torch.save(model.state_dict(), folder / "model.pt")
-    if "torchscript" in formats:
+    if "pt2" in want:
+        t0 = time.perf_counter()
+        try:
+            _export_pt2(net, example, dynamic_shapes(modality, pre), folder / MODEL_FILES["pt2"])
+            program = load_pt2(folder / MODEL_FILES["pt2"]).module()  # as served: the checked file, read back
+            diff = _max_diff(lambda b: program(*b).numpy(), batches, ref)
+            if not diff <= ATOL:
+                raise ExportError(f"the torch.export program's logits differ from the PyTorch model's by {diff:.3g} "
+                                  f"(> {ATOL})")
+            verification["pt2_max_abs_diff"] = diff
+            files["pt2"] = MODEL_FILES["pt2"]
+        except Exception as exc:  # record why; the PyTorch format falls back (PYTORCH_FALLBACK), never silently
+            errors["pt2"] = _error(exc)
+            (folder / MODEL_FILES["pt2"]).unlink(missing_ok=True)
+            nxt = PYTORCH_FALLBACK[PYTORCH_FALLBACK.index("pt2") + 1]
+            fallbacks.append(f"torch.export could not capture this model ({errors['pt2'][:300]}): no model.pt2; "
+                             f"the PyTorch format is {nxt} ({MODEL_FILES[nxt]}, legacy) instead")
+            log.warning("torch.export could not capture the model: %s. Falling back (%s): writing %s (%s) instead "
+                        "of model.pt2", errors["pt2"], " -> ".join(PYTORCH_FALLBACK), nxt, MODEL_FILES[nxt])
+            if nxt not in want:
+                want.append(nxt)
+        seconds["pt2"] = round(time.perf_counter() - t0, 2)
+    if "onnx" in want:
+        t0 = time.perf_counter()
+        path = folder / MODEL_FILES["onnx"]
+        try:
+            ort = _onnxruntime_or_none()
+            try:
+                _export_onnx_dynamo(net, example, names, dynamic_shapes(modality, pre), path)
+                diff = _onnx_diff(ort, path, names, batches, ref)
+                if diff is not None and not diff <= ATOL:
+                    raise ExportError(f"its logits differ from the PyTorch model's by {diff:.3g} (> {ATOL})")
+                onnx_exporter = "dynamo"
+            except Exception as exc:  # the legacy exporter, named in model.json, never silently
+                errors["onnx_dynamo"] = _error(exc)
+                path.unlink(missing_ok=True)
+                fallbacks.append(f"the dynamo-based ONNX exporter failed ({errors['onnx_dynamo'][:300]}): model.onnx "
+                                 "comes from the legacy TorchScript-based exporter")
+                log.warning("the dynamo-based ONNX exporter failed: %s. Falling back to the legacy TorchScript-based "
+                            "exporter for model.onnx", errors["onnx_dynamo"])
+                _export_onnx_legacy(net, example, names, path)
+                diff = _onnx_diff(ort, path, names, batches, ref)
+                onnx_exporter = "legacy"
+            files["onnx"] = MODEL_FILES["onnx"]
+            opset = _onnx_opset(path)
+            verification["onnx_max_abs_diff"] = diff
+            if diff is None:
+                log.warning("onnxruntime is not installed: the ONNX file was written but not checked")
+        except Exception as exc:
+            errors["onnx"] = _error(exc)
+            log.warning("ONNX export failed: %s", errors["onnx"])
+            path.unlink(missing_ok=True)
+            files["onnx"], onnx_exporter, opset = None, None, None
+        seconds["onnx"] = round(time.perf_counter() - t0, 2)
+    if "torchscript" in want:
+        t0 = time.perf_counter()
         try:
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("ignore")  # torch.jit is deprecated
                 traced = torch.jit.trace(net, example, check_trace=False)
-                torch.jit.save(traced, str(folder / "model.ts"))  # the saved file is checked by _check_runtime
-            got = _batched(lambda ts: traced(*ts).numpy(), inputs)
-            verification["torchscript_max_abs_diff"] = float(np.abs(got - ref).max())
-            files["torchscript"] = "model.ts"
+                torch.jit.save(traced, str(folder / MODEL_FILES["torchscript"]))
+                # checked as traced: reading model.ts back needs the deprecated torch.jit.load
+                verification["torchscript_max_abs_diff"] = _max_diff(lambda b: traced(*b).numpy(), batches, ref)
+            files["torchscript"] = MODEL_FILES["torchscript"]
         except Exception as exc:  # record why, keep the other formats
-            errors["torchscript"] = f"{type(exc).__name__}: {exc}"[:1000]
+            errors["torchscript"] = _error(exc)
             log.warning("TorchScript export failed: %s", errors["torchscript"])
-            (folder / "model.ts").unlink(missing_ok=True)
-    if "onnx" in formats:
-        try:
-            _export_onnx(net, example, names, folder / "model.onnx")
-            files["onnx"] = "model.onnx"
-            try:
-                import onnxruntime as ort
-            except ImportError:
-                verification["onnx_max_abs_diff"] = None
-                log.warning("onnxruntime is not installed: the ONNX file was written but not checked")
-            else:
-                sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-                got = _batched(lambda ts: sess.run(None, {n: t.numpy() for n, t in zip(names, ts)})[0], inputs)
-                verification["onnx_max_abs_diff"] = float(np.abs(got - ref).max())
-        except Exception as exc:
-            errors["onnx"] = f"{type(exc).__name__}: {exc}"[:1000]
-            log.warning("ONNX export failed: %s", errors["onnx"])
-            (folder / "model.onnx").unlink(missing_ok=True)
-            files["onnx"] = None
-    if not (files["torchscript"] or files["onnx"]):
-        raise ExportError("neither TorchScript nor ONNX export worked: "
-                          + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+            (folder / MODEL_FILES["torchscript"]).unlink(missing_ok=True)
+        seconds["torchscript"] = round(time.perf_counter() - t0, 2)
+    written = [f for f in FORMATS if files.get(f)]
+    if not written:
+        raise ExportError("no model format could be exported: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     for key in ("torchscript_max_abs_diff", "onnx_max_abs_diff"):
         diff = verification.get(key)
         if diff is not None and not diff <= ATOL:
@@ -439,50 +533,100 @@ def _write_models(model: nn.Module, pre, td: TaskData, folder: Path, formats) ->
                               f"by {diff:.3g} (> {ATOL}) on {len(idx)} test examples; not exporting a model that "
                               "behaves differently")
     shape = ["batch", "sequence"] if modality == "text" else ["batch", pre.channels, pre.input_size, pre.input_size]
-    info = {"files": files, "export_errors": errors, "inputs": names,
-            "input_shapes": {n: shape for n in names},
+    dims = {"batch": {"min": 1, "max": None}}
+    if modality == "text":
+        dims["sequence"] = {"min": 1, "max": int(pre.max_length)}
+    info = {"files": files, "formats": written, "preferred_backend": written[0],
+            "legacy_formats": [f for f in written if f in LEGACY_FORMATS],
+            "export_errors": errors, "fallbacks": fallbacks, "inputs": names,
+            "input_shapes": {n: shape for n in names}, "dynamic_dims": dims,
             "input_dtypes": {n: ("int64" if modality == "text" else "float32") for n in names},
-            "outputs": ["logits"], "onnx_opset": ONNX_OPSET if files["onnx"] else None}
+            "outputs": ["logits"], "onnx_opset": opset, "onnx_exporter": onnx_exporter,
+            "torch_version": torch.__version__, "export_seconds": seconds}
     return info, verification
 
 
-def _export_onnx(net: nn.Module, example: tuple, names: list[str], path: Path) -> None:
+def _export_pt2(net: nn.Module, example: tuple, dynamic: dict, path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(net, example, dynamic_shapes=dynamic, strict=False)
+        torch.export.save(program, str(path))
+
+
+def _onnxruntime_or_none():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _onnx_diff(ort, path: Path, names: list[str], batches: list, ref: list) -> float | None:
+    if ort is None:
+        return None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return _max_diff(lambda b: sess.run(None, {n: t.numpy() for n, t in zip(names, b)})[0], batches, ref)
+
+
+def _onnx_opset(path: Path) -> int | None:
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    except Exception:  # onnx not installed: the opset is only informative
+        return None
+
+
+def _export_onnx_dynamo(net: nn.Module, example: tuple, names: list[str], dynamic: dict, path: Path) -> None:
+    """The torch.export-based ONNX exporter (needs onnxscript); one self-contained file (no external data)."""
+    import contextlib
+    import io
+
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ExportError("the dynamo-based ONNX exporter needs the onnxscript package: pip install onnxscript "
+                          "(or pip install 'autoft[onnx]')") from None
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, example, str(path), dynamo=True, dynamic_shapes=dynamic, input_names=names,
+                          output_names=["logits"], opset_version=ONNX_OPSET, external_data=False, verbose=False,
+                          optimize=True)
+
+
+def _export_onnx_legacy(net: nn.Module, example: tuple, names: list[str], path: Path) -> None:
     dyn = {n: ({0: "batch", 1: "sequence"} if len(names) == 2 else {0: "batch"}) for n in names}
     dyn["logits"] = {0: "batch"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:  # the TorchScript-based exporter needs no extra package (the dynamo one needs onnxscript)
-            torch.onnx.export(net, example, str(path), dynamo=False, input_names=names, output_names=["logits"],
-                              dynamic_axes=dyn, opset_version=ONNX_OPSET, do_constant_folding=True)
-        except TypeError:  # a torch without the legacy exporter
-            torch.onnx.export(net, example, str(path), input_names=names, output_names=["logits"],
-                              dynamic_axes=dyn, opset_version=ONNX_OPSET)
+        torch.onnx.export(net, example, str(path), dynamo=False, input_names=names, output_names=["logits"],
+                          dynamic_axes=dyn, opset_version=LEGACY_ONNX_OPSET, do_constant_folding=True)
 
 
 def _check_runtime(folder: Path, model: nn.Module, td: TaskData, modality: str) -> dict:
     """Load the written folder with the stand-alone runtime and compare its logits from *raw* inputs.
 
-    One backend is enough: both run the same preprocessing, and each format was already compared
-    with the PyTorch model on encoded inputs."""
+    The backend is the one ``load_exported`` picks by default ("auto": pt2, then onnx, then torchscript):
+    every backend runs the same preprocessing, and each format was already compared with the PyTorch model
+    on encoded inputs."""
     idx = _example_indices(td, 32)
     raw = [td.data.inputs[i] for i in idx]
     pre = model.backbone.preprocessing
     net = wrap(model, modality)
     ref = _batched(lambda ts: net(*ts).numpy(), _encode(td, idx, pre))
-    out = {}
-    files = json.loads((folder / MODEL_INFO).read_text())["files"]
-    for backend in [b for b in ("torchscript", "onnx") if files.get(b)][:1]:
-        try:
-            rt = load_exported(folder, backend, verify=False)  # files were hashed a moment ago
-        except ExportError as exc:  # onnxruntime missing: nothing to compare
-            log.info("runtime check with %s skipped: %s", backend, exc)
-            continue
-        diff = float(np.abs(rt.logits(raw) - ref).max())
-        out[f"runtime_{backend}_max_abs_diff"] = diff
-        if not diff <= ATOL:
-            raise ExportError(f"autoft.export.runtime ({backend}) gives logits that differ from the PyTorch model's "
-                              f"by {diff:.3g} (> {ATOL}) on raw test inputs: its preprocessing does not match training")
-    return out
+    try:
+        rt = load_exported(folder, "auto", verify=False)  # files were hashed a moment ago
+    except ExportError as exc:  # e.g. only an ONNX file and no onnxruntime: nothing to compare
+        log.info("runtime check skipped: %s", exc)
+        return {}
+    diff = float(np.abs(rt.logits(raw) - ref).max())
+    if not diff <= ATOL:
+        raise ExportError(f"autoft.export.runtime ({rt.backend}) gives logits that differ from the PyTorch model's "
+                          f"by {diff:.3g} (> {ATOL}) on raw test inputs: its preprocessing does not match training")
+    return {f"runtime_{rt.backend}_max_abs_diff": diff}
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,10 +729,19 @@ def write_manifest(folder: Path, modality: str, hashes: dict | None = None) -> l
             hashes[f] = (key, sha256_file(folder / f))
     info = json.loads((folder / MODEL_INFO).read_text(encoding="utf-8"))
     requires = ["torch", "numpy"] + (["transformers or tokenizers"] if modality == "text" else ["pillow (image files)"])
+    model_files = info.get("files") or {}
+    backends = {"pt2": f"torch (torch.export.load; written with torch {info.get('torch_version')}, a .pt2 is tied "
+                       "to torch versions)",
+                "onnx": "onnxruntime",
+                "torchscript": "torch (legacy: torch.jit.load is deprecated)"}
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        # the oldest layout that can serve the folder: 1 while model.ts or model.onnx is there (older autoft
+        # loads those and ignores model.pt2), 2 for a folder with model.pt2 only
+        "format": FORMAT, "format_version": min_format_version(model_files),
         "created": info.get("created"), "autoft_version": _version("autoft"),
-        "requires": {"packages": requires, "backends": {"torchscript": "torch", "onnx": "onnxruntime"},
+        "requires": {"packages": requires,
+                     "backends": {k: v for k, v in backends.items() if model_files.get(k)},
+                     "backend_order": [k for k in backends if model_files.get(k)],
                      "load_with": "autoft.load_exported(DIR) or autoft.export.runtime.load_exported(DIR)"},
         "files": {f: {"sha256": hashes[f][1], "bytes": hashes[f][0][0]} for f in files},
     }
@@ -635,6 +788,34 @@ def _refit_note(td: TaskData, ft: FrozenTrial, trained_on, metrics: dict) -> str
             "changed since the search.")
 
 
+def _model_file_lines(info: dict, modality: str) -> list[str]:
+    """The model files of the card's "Files and use" section: what each is, how it was made, fallbacks, errors."""
+    files = info.get("files") or {}
+    dims = info.get("dynamic_dims") or {}
+    seq = dims.get("sequence") or {}
+    dynamic = "dynamic batch" + (f" and sequence length (1 to {seq.get('max')})" if modality == "text" else "")
+    exporter = {"dynamo": "the dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`)",
+                "legacy": "the legacy TorchScript-based exporter (fallback, see below)"}.get(info.get("onnx_exporter"),
+                                                                                               "an unrecorded exporter")
+    about = {
+        "pt2": f"torch.export program (`torch.export.save`, torch {_md(info.get('torch_version'))}), the PyTorch "
+               "format to use; `autoft.load_exported` reads it only after checking that it cannot run code "
+               "(plain `torch.export.load` unpickles: use it on files you trust)",
+        "onnx": f"ONNX opset {info.get('onnx_opset')} from {exporter}",
+        "torchscript": "TorchScript, **legacy**: PyTorch deprecated `torch.jit`; autoft writes it for one more "
+                       "release only, use `model.pt2` or `model.onnx`",
+    }
+    lines = [f"- model files (encoded input → logits; inputs {', '.join(info['inputs'])}; {dynamic}), in the "
+             "order `autoft.load_exported` and `autoft predict` prefer them (backend 'auto'):"]
+    lines += [f"  - `{files[k]}`: {about[k]}" for k in MODEL_FORMATS if files.get(k)]
+    lines.append(f"- `model.pt`: state_dict of architecture '{_md(info['architecture'])}'")
+    lines += [f"- fallback: {_md(f)}" for f in info.get("fallbacks") or []]
+    covered = ("pt2", "onnx_dynamo")  # a failure there is a fallback, listed above
+    lines += [f"- {k} export failed: {_md(v)}" for k, v in (info.get("export_errors") or {}).items()
+              if k not in covered or not info.get("fallbacks")]
+    return lines
+
+
 def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res, trained_on, metrics: dict,
                info: dict, versions: dict) -> str:
     sizes = metrics["sizes"]
@@ -659,9 +840,8 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
     wall = f"{s['wall_seconds']:.0f} s wall clock" if s.get("wall_seconds") is not None else "unknown time"
     files = info["files"]
     ver = info["verification"]
-    fmt = ", ".join(k for k in ("torchscript", "onnx") if files.get(k))
-    errs = "".join(f"\n- {k} export failed: {_md(v)}" for k, v in info.get("export_errors", {}).items())
     pre = td.data.modality
+    model_lines = _model_file_lines(info, pre)
     example = ("autoft predict --model DIR texts.csv --text-column text" if pre == "text"
                else "autoft predict --model DIR image.png folder/ --out predictions.csv")
     py_in = '["free entry to win a prize", "see you at 6"]' if pre == "text" else '["image.png"]'
@@ -706,19 +886,20 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
         "",
         "## Files and use",
         "",
-        f"- model: {fmt} (encoded input → logits; inputs {', '.join(info['inputs'])}), plus `model.pt` "
-        f"(state_dict of architecture '{_md(info['architecture'])}'){errs}",
+        *model_lines,
         "- `config.yaml`, `classes.json`, `preprocessing.json`"
         + (", `tokenizer/`" if pre == "text" else "") + ", `metrics.json`, `model.json`; `manifest.json` holds the "
         "sha256 of every file and is checked on loading.",
         f"- checked at export on {ver.get('examples')} test examples: largest absolute logit difference from the "
         f"PyTorch model " + ", ".join(f"{k.removesuffix('_max_abs_diff').replace('_', ' ')} {v:.2g}"
                                       for k, v in ver.items() if k.endswith("_max_abs_diff") and v is not None)
-        + f" (limit {ATOL:g}; 'runtime' = autoft.export.runtime from raw inputs).",
+        + f" (limit {ATOL:g}; each file read back, TorchScript as traced; 'runtime' = autoft.export.runtime from "
+        "raw inputs).",
         "",
         "```bash", example.replace("DIR", "."), "```",
         "",
-        "```python", "import autoft", "model = autoft.load_exported(\".\")  # backend='onnx' needs onnxruntime",
+        "```python", "import autoft",
+        "model = autoft.load_exported(\".\")  # backend 'auto': model.pt2, else model.onnx, else model.ts",
         f"preds = model.predict({py_in})", "print(preds.labels, preds.probabilities)", "```",
         "",
         "## Library versions",

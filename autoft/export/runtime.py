@@ -1,14 +1,18 @@
 """Serve predictions from an exported folder, without autoft's training code.
 
 This module imports only the standard library, NumPy, ``autoft.errors`` and — when they are
-needed — torch (TorchScript and preprocessing), Pillow (image files), onnxruntime (``backend="onnx"``)
-and a tokenizer (``transformers`` or ``tokenizers``, text).  It never imports ``autoft.core``,
-``autoft.zoo``, ``autoft.data`` or ``autoft.engines``, so a folder can be served anywhere these
-packages are installed.
+needed — torch (``torch.export`` programs, TorchScript and preprocessing), Pillow (image files),
+onnxruntime (``backend="onnx"``) and a tokenizer (``transformers`` or ``tokenizers``, text).  It never
+imports ``autoft.core``, ``autoft.zoo``, ``autoft.data`` or ``autoft.engines``, so a folder can be served
+anywhere these packages are installed.
 
 >>> model = load_exported("exports/digits")            # verifies the folder against manifest.json
 >>> preds = model.predict(["a.png", "b.png"])           # or arrays, a folder, PIL images
 >>> preds.labels, preds.probabilities
+
+Backends (:data:`BACKENDS`): ``"pt2"`` (``model.pt2``, a ``torch.export`` program), ``"onnx"``
+(``model.onnx``, onnxruntime) and ``"torchscript"`` (``model.ts``, legacy: ``torch.jit.load`` is deprecated).
+``"auto"`` takes the first of :data:`MODEL_FORMATS` that the folder holds and that loads here.
 
 Preprocessing is re-implemented here with exactly the same operations as training
 (``autoft.data.encode``): images → float in [0, 1], grey repeated to RGB, bilinear antialiased resize
@@ -18,19 +22,26 @@ What the integrity check covers: every file an export needs (:func:`required_fil
 metadata files, each model file ``model.json`` names, the whole tokenizer folder) must be listed in
 ``manifest.json`` with its sha256 and lie inside the folder (no absolute paths, no ``..``, no links out
 of it).  This detects corruption and tampering of a copied folder, not a forged one: the manifest is
-not signed, so whoever can write the folder can rewrite the manifest too.
+not signed, so whoever can write the folder can rewrite the manifest too.  That is why ``model.pt2``
+is read with :func:`load_pt2`, which refuses any program that could run code while loading
+(``torch.export.load`` itself unpickles and executes strings from the file), and ``model.pt`` only
+with ``torch.load(weights_only=True)``.  ``model.ts`` (legacy) is a TorchScript archive: load it only
+from folders you trust.
 
 Image files are read only when their header declares at most ``max_image_pixels`` pixels
 (:data:`DEFAULT_MAX_IMAGE_PIXELS`), checked before decoding, whatever PIL's global limit is.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -42,12 +53,17 @@ from autoft.errors import ExportError
 log = logging.getLogger(__name__)
 
 FORMAT = "autoft-export"
-FORMAT_VERSION = 1
+# The newest folder layout this autoft reads.  1: model.ts and/or model.onnx; 2: adds model.pt2 (a
+# torch.export program).  An export records the oldest layout that can serve it (min_format_version):
+# a folder that still holds model.ts or model.onnx says 1, since older autoft loads those and ignores model.pt2.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_INFO = "model.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-BACKENDS = ("auto", "torchscript", "onnx")
-MODEL_FORMATS = ("torchscript", "onnx")
+# model formats, in the order backend "auto" prefers them; torchscript is legacy (torch.jit is deprecated)
+MODEL_FORMATS = ("pt2", "onnx", "torchscript")
+LEGACY_FORMATS = ("torchscript",)
+BACKENDS = ("auto", *MODEL_FORMATS)
 # written by every export (autoft.export.export); model.json names the model files, preprocessing.json the tokenizer
 REQUIRED_FILES = ("config.yaml", "classes.json", "preprocessing.json", "metrics.json", MODEL_INFO, "README.md")
 # 50 million pixels: a 48 MP photo (8000x6000) still reads; decoded it is 150 MB of uint8 RGB and about
@@ -126,10 +142,15 @@ def _load_json(folder: Path, name: str):
         raise ExportError(f"{path} is not valid JSON ({exc}); the folder was altered or corrupted") from None
 
 
+def min_format_version(files: dict) -> int:
+    """The oldest folder layout (format version) whose readers can serve a folder with these model files."""
+    return 1 if any(files.get(k) for k in ("torchscript", "onnx")) else 2
+
+
 def required_files(folder: Path, info: dict, pre: dict) -> list[str]:
     """The files an export needs, from its (verified) ``model.json`` and ``preprocessing.json``:
-    :data:`REQUIRED_FILES`, the model files named in ``model.json`` (``files``: torchscript and/or
-    onnx, and state_dict) and, for text, every file of the tokenizer folder.  Each must lie inside
+    :data:`REQUIRED_FILES`, the model files named in ``model.json`` (``files``: pt2, onnx and/or
+    torchscript, and state_dict) and, for text, every file of the tokenizer folder.  Each must lie inside
     ``folder``; any of them not listed in the manifest makes the folder unverifiable."""
     folder = Path(folder)
     files = info.get("files") if isinstance(info, dict) else None
@@ -138,7 +159,7 @@ def required_files(folder: Path, info: dict, pre: dict) -> list[str]:
     need = list(REQUIRED_FILES)
     models = [k for k in MODEL_FORMATS if files.get(k)]
     if not models:
-        raise ExportError(f"exported model {folder}: {MODEL_INFO} names no model file (torchscript or onnx)")
+        raise ExportError(f"exported model {folder}: {MODEL_INFO} names no model file ({', '.join(MODEL_FORMATS)})")
     for key in [*models, "state_dict"]:
         if not files.get(key):
             raise ExportError(f"exported model {folder}: {MODEL_INFO} names no {key} file")
@@ -214,8 +235,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise ExportError("serving an exported model needs PyTorch (preprocessing and the TorchScript "
-                          "backend): pip install torch") from None
+        raise ExportError("serving an exported model needs PyTorch (preprocessing, and the pt2 and TorchScript "
+                          "backends): pip install torch") from None
     return torch
 
 
@@ -225,8 +246,316 @@ def _onnxruntime():
     except ImportError:
         raise ExportError("backend 'onnx' needs the onnxruntime package, which is not installed: "
                           "pip install onnxruntime  (or pip install 'autoft[onnx]'), or load the model "
-                          "with backend='torchscript'") from None
+                          "with backend='pt2'") from None
     return onnxruntime
+
+
+# --------------------------------------------------------------------------------------------
+# torch.export programs (model.pt2): checked before torch.export.load sees them
+#
+# torch.export.load is not a safe loader: it unpickles tensor subclasses with torch.load(weights_only=False)
+# (and sample inputs when weights_only=True fails), pickle.loads "opaque" constants, loads TorchBind objects,
+# sympify()s (= eval) the shape expressions of the graph, exec()s its guards_code when .module() is called, and
+# writes parameter names into generated Python code.  load_pt2 reads the archive itself first and accepts it
+# only when none of that can run code: plain tensors, ATen operators, and expressions and guards made of
+# nothing but symbols, numbers, arithmetic, comparisons and tensor sizes (checked on their syntax trees).
+PT2_ENTRIES = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                         r"|models/model\.json|data/sample_inputs/model\.pt"
+                         r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                         r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
+_FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_PLAIN = re.compile(r"[A-Za-z0-9_.]*")  # every other string of the program: names, operators, dtypes
+_OP_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.\w+|torch\.sym_\w+|math\.\w+")
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# the sympy classes and torch's sympy functions a shape expression may call (none of them parses a string)
+_SYM_CALLS = frozenset({
+    "Symbol", "Integer", "Rational", "Add", "Mul", "Pow", "Max", "Min", "Mod", "Abs", "floor", "ceiling",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
+    "Equality", "Unequality", "And", "Or", "Not", "FloorDiv", "ModularIndexing", "Where", "PythonMod",
+    "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "IntTrueDiv",
+    "TruncToInt", "RoundToInt", "Identity"})
+_SYM_NAMES = frozenset({"True", "False", "true", "false", "oo", "zoo", "nan"})
+_SYM_KEYWORDS = frozenset({"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
+                           "infinite", "zero", "nonzero", "even", "odd", "commutative", "evaluate"})
+_POW_CALLS = frozenset({"Pow", "PowByNatural"})
+_MAX_EXPONENT = 64  # Pow(10, 10**18) would hang the loader: exponents are small constants
+_ARITH = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
+_COMPARE = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+
+
+class _Unsafe(ValueError):
+    """A part of a .pt2 archive that load_pt2 does not let torch.export.load see."""
+
+
+def _small_int(node) -> bool:
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer" \
+            and len(node.args) == 1:
+        node = node.args[0]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) is int and node.value <= _MAX_EXPONENT
+
+
+def _number(node) -> bool:
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float, bool) \
+        and (type(node.value) is not int or abs(node.value) < 2 ** 63)
+
+
+def _check_sym_node(node, expr: str) -> None:
+    """A sympy expression as written by torch.export (``Mul(Integer(384), Symbol('s53', positive=True))``)."""
+    if _number(node):
+        return
+    if isinstance(node, ast.Name) and node.id in _SYM_NAMES:
+        return
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not, ast.Invert)):
+        return _check_sym_node(node.operand, expr)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, _ARITH):
+        if isinstance(node.op, ast.Pow) and not _small_int(node.right):
+            raise _Unsafe(f"shape expression {expr[:200]!r}: a power whose exponent is not a small constant")
+        _check_sym_node(node.left, expr)
+        return _check_sym_node(node.right, expr)
+    if isinstance(node, ast.BoolOp):
+        for v in node.values:
+            _check_sym_node(v, expr)
+        return
+    if isinstance(node, ast.Compare) and all(isinstance(op, _COMPARE) for op in node.ops):
+        for v in [node.left, *node.comparators]:
+            _check_sym_node(v, expr)
+        return
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SYM_CALLS:
+        name, args = node.func.id, node.args
+        for kw in node.keywords:
+            if kw.arg not in _SYM_KEYWORDS or not (isinstance(kw.value, ast.Constant)
+                                                   and isinstance(kw.value.value, bool)):
+                raise _Unsafe(f"shape expression {expr[:200]!r}: keyword {kw.arg!r} is not a sympy assumption")
+        if name == "Symbol":
+            if len(args) == 1 and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str) \
+                    and _SYMBOL.fullmatch(args[0].value):
+                return
+            raise _Unsafe(f"shape expression {expr[:200]!r}: Symbol() of something else than a symbol name")
+        if name in _POW_CALLS and (len(args) != 2 or not _small_int(args[1])):
+            raise _Unsafe(f"shape expression {expr[:200]!r}: a power whose exponent is not a small constant")
+        for a in args:
+            _check_sym_node(a, expr)
+        return
+    raise _Unsafe(f"shape expression {expr[:200]!r} holds {type(node).__name__}"
+                  + (f" {ast.unparse(node)[:80]!r}" if isinstance(node, ast.AST) else "")
+                  + ", which is not a plain sympy expression")
+
+
+def _parse(text: str, what: str) -> ast.AST:
+    if not isinstance(text, str) or len(text) > 20_000:
+        raise _Unsafe(f"{what} is not a string of at most 20000 characters")
+    try:
+        return ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise _Unsafe(f"{what} {text[:200]!r} is not an expression") from None
+
+
+def _check_guard_node(node, guard: str) -> None:
+    """A guard such as ``L['input_ids'].size()[1] == L['attention_mask'].size()[1]``."""
+    if _number(node):
+        return
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
+        return _check_guard_node(node.operand, guard)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, _ARITH) and not isinstance(node.op, ast.Pow):
+        _check_guard_node(node.left, guard)
+        return _check_guard_node(node.right, guard)
+    if isinstance(node, ast.BoolOp):
+        for v in node.values:
+            _check_guard_node(v, guard)
+        return
+    if isinstance(node, ast.Compare) and all(isinstance(op, _COMPARE) for op in node.ops):
+        for v in [node.left, *node.comparators]:
+            _check_guard_node(v, guard)
+        return
+    # an input's size or stride: L['name'](['key' or int]...).size()[int], or .storage_offset() / .dim() / .numel()
+    if isinstance(node, ast.Subscript) and _number(node.slice):
+        node = node.value
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("size", "stride") and not node.args and not node.keywords \
+                and _is_input(node.func.value):
+            return
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+            and node.func.attr in ("storage_offset", "dim", "numel") and not node.args and not node.keywords \
+            and _is_input(node.func.value):
+        return
+    raise _Unsafe(f"guard {guard[:200]!r} is not a comparison of input sizes and numbers")
+
+
+def _is_input(node) -> bool:
+    while isinstance(node, ast.Subscript):
+        key = node.slice
+        if not (isinstance(key, ast.Constant) and (type(key.value) is int or (isinstance(key.value, str)
+                                                                             and _SYMBOL.fullmatch(key.value)))):
+            return False
+        node = node.value
+    return isinstance(node, ast.Name) and node.id == "L"
+
+
+def _check_treespec(text) -> None:
+    try:
+        doc = json.loads(text)
+    except (TypeError, ValueError):
+        raise _Unsafe("an input/output spec is not JSON") from None
+
+    def walk(spec):
+        if not isinstance(spec, dict):
+            raise _Unsafe("an input/output spec is not a tree of tuples, lists and dicts")
+        if spec.get("type") not in (None, "builtins.tuple", "builtins.list", "builtins.dict"):
+            raise _Unsafe(f"an input/output spec holds type {str(spec.get('type'))[:80]!r}; "
+                          "only tuples, lists and dicts of tensors are accepted")
+        ctx = spec.get("context")
+        if ctx is not None:
+            try:
+                ctx = json.loads(ctx) if isinstance(ctx, str) else ctx
+            except ValueError:
+                raise _Unsafe("an input/output spec has a context that is not JSON") from None
+            if ctx is not None and not (isinstance(ctx, list) and all(isinstance(k, (str, int)) for k in ctx)):
+                raise _Unsafe("an input/output spec has a context that is not a list of keys")
+        for child in spec.get("children_spec") or []:
+            walk(child)
+
+    if not (isinstance(doc, list) and len(doc) == 2):
+        raise _Unsafe("an input/output spec is not [protocol, tree]")
+    walk(doc[1])
+
+
+def _no_control_chars(text: str, where: str) -> None:
+    if any(not c.isprintable() and c not in "\n\t" for c in text):
+        raise _Unsafe(f"{where} holds control characters")
+
+
+def _check_program(doc, path=()) -> None:
+    """Every string of ``models/model.json``: see the comment above :data:`PT2_ENTRIES`."""
+    if isinstance(doc, dict):
+        if "target" in doc:  # a graph node (no other part of the program has a 'target')
+            target = doc["target"]
+            if not (isinstance(target, str) and _OP_TARGET.fullmatch(target)):
+                raise _Unsafe(f"node target {str(target)[:120]!r} is not an ATen operator")
+        for key, value in doc.items():
+            if not isinstance(key, str) or not _PLAIN.fullmatch(key):
+                raise _Unsafe(f"key {str(key)[:80]!r} in {'.'.join(path) or 'the program'}")
+            if key == "metadata":  # stack traces, module paths: free text that is never evaluated
+                _check_metadata(value)
+            elif key == "expr_str":
+                _check_sym_node(_parse(value, "shape expression"), value)
+            elif key == "guards_code":
+                if not isinstance(value, list):
+                    raise _Unsafe("guards_code is not a list")
+                for guard in value:
+                    _check_guard_node(_parse(guard, "guard"), guard)
+            elif key in ("in_spec", "out_spec"):
+                _check_treespec(value)
+            elif key == "torch_version":
+                if not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.+\-]*", value)):
+                    raise _Unsafe("torch_version is not a version")
+            else:
+                _check_program(value, (*path, key))
+    elif isinstance(doc, list):
+        for value in doc:
+            _check_program(value, path)
+    elif isinstance(doc, str) and not _PLAIN.fullmatch(doc):
+        raise _Unsafe(f"string {doc[:120]!r} in {'.'.join(path) or 'the program'} is not a name")
+
+
+def _check_metadata(value) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _no_control_chars(str(k), "node metadata")
+            _check_metadata(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_metadata(v)
+    elif isinstance(value, str):
+        _no_control_chars(value, "node metadata")
+
+
+def _check_payload(config_bytes: bytes, prefix: str, what: str) -> None:
+    try:
+        config = json.loads(config_bytes).get("config")
+    except (ValueError, AttributeError):
+        raise _Unsafe(f"the {what} config is not JSON") from None
+    if not isinstance(config, dict):
+        raise _Unsafe(f"the {what} config has no 'config' map")
+    for fqn, meta in config.items():
+        if not _FQN.fullmatch(fqn):
+            raise _Unsafe(f"{what} name {fqn[:120]!r} is not a dotted name")
+        if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+            raise _Unsafe(f"{what} {fqn} is stored with pickle")
+        if not re.fullmatch(rf"{prefix}_\d+", str(meta.get("path_name"))):
+            raise _Unsafe(f"{what} {fqn} is stored as {str(meta.get('path_name'))[:80]!r}, not as plain tensor bytes")
+
+
+def check_pt2_archive(data: bytes) -> None:
+    """Raise :class:`ExportError` unless ``data`` (a ``torch.export.save`` archive) is one that
+    ``torch.export.load`` can read without running code from it: see the comment above :data:`PT2_ENTRIES`."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _Unsafe(f"not a .pt2 archive ({exc})") from None
+    names = [i.filename for i in infos]
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or any("/" not in n for n in names) or len(set(names)) != len(names):
+        raise _Unsafe("not a .pt2 archive of one model (one top folder, no repeated names)")
+    (root,) = roots
+    rel = {n.split("/", 1)[1]: i for n, i in zip(names, infos)}
+    odd = sorted(n for n in rel if not PT2_ENTRIES.fullmatch(n))
+    if odd:
+        raise _Unsafe(f"the archive holds {', '.join(odd[:5])}: only a plain program (graph, tensors, sample "
+                      "inputs) is accepted, not compiled code, pickled objects or extra files")
+    if any(i.compress_type != zipfile.ZIP_STORED or i.file_size > len(data) for i in infos):
+        raise _Unsafe("the archive has compressed entries (torch.export.save stores them uncompressed)")
+    for need in ("archive_format", "models/model.json", "data/sample_inputs/model.pt",
+                 "data/weights/model_weights_config.json", "data/constants/model_constants_config.json"):
+        if need not in rel:
+            raise _Unsafe(f"the archive has no {need}")
+
+    def read(name: str) -> bytes:
+        return zf.read(f"{root}/{name}")
+
+    if read("archive_format") != b"pt2":
+        raise _Unsafe("archive_format is not 'pt2'")
+    _check_payload(read("data/weights/model_weights_config.json"), "weight", "weight")
+    _check_payload(read("data/constants/model_constants_config.json"), "tensor", "constant")
+    torch = _torch()
+    try:  # torch.export.load tries weights_only=True first: when it succeeds here, it succeeds there
+        sample = torch.load(io.BytesIO(read("data/sample_inputs/model.pt")), weights_only=True)
+    except Exception as exc:
+        raise _Unsafe(f"the sample inputs are not plain tensors ({type(exc).__name__})") from None
+    if not isinstance(sample, (tuple, dict)):
+        raise _Unsafe("the sample inputs are not a tuple")
+    try:
+        program = json.loads(read("models/model.json"))
+    except ValueError:
+        raise _Unsafe("models/model.json is not JSON") from None
+    _check_program(program)
+
+
+def load_pt2(path: str | Path):
+    """A ``torch.export`` program (``torch.export.ExportedProgram``) from a ``.pt2`` file, after
+    :func:`check_pt2_archive` accepted the bytes that are then loaded (read once: no file swap between)."""
+    torch = _torch()
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ExportError(f"could not read {path}: {exc}") from None
+    try:
+        check_pt2_archive(data)
+    except _Unsafe as exc:
+        raise ExportError(f"refusing to load {path}: {exc}. autoft loads a .pt2 only when it cannot run code "
+                          "while loading; the file was altered or written by something else than autoft export "
+                          "with this torch") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(io.BytesIO(data))
+    except Exception as exc:
+        raise ExportError(f"torch {torch.__version__} could not load the torch.export program {path} "
+                          f"({type(exc).__name__}: {str(exc)[:300]}); a .pt2 is tied to the torch version that wrote "
+                          "it (see model.json 'torch_version'): use that torch, or backend='onnx'") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +678,32 @@ class TextEncoder:
 
 # --------------------------------------------------------------------------------------------
 # backends
+class _Pt2Backend:
+    name = "pt2"
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        torch = _torch()
+        self.device = device
+        program = load_pt2(path)
+        try:
+            if device != "cpu":
+                program = torch.export.passes.move_to_device_pass(program, device)
+            self.module = program.module()
+        except Exception as exc:
+            raise ExportError(f"could not prepare the torch.export program {path} on {device}: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
+
+    def __call__(self, tensors: tuple) -> np.ndarray:
+        torch = _torch()
+        with torch.inference_mode():
+            out = self.module(*[t.to(self.device) for t in tensors])
+        return out.float().cpu().numpy()
+
+
 class _TorchScriptBackend:
+    """Legacy: ``torch.jit.load`` is deprecated (and warns); used only with backend "torchscript", or by
+    "auto" for a folder without model.pt2 or a loadable model.onnx."""
+
     name = "torchscript"
 
     def __init__(self, path: Path, device: str = "cpu"):
@@ -451,21 +805,31 @@ class ExportedModel:
         files = self.info.get("files")
         if not isinstance(files, dict):
             raise ExportError(f"exported model {self.folder}: {MODEL_INFO} has no 'files' map; the folder was altered")
+        have = [k for k in MODEL_FORMATS if files.get(k)]
         if backend == "auto":
-            backend = "torchscript" if files.get("torchscript") else "onnx"
-        target = files.get(backend)
-        if not target:
-            why = self.info.get("export_errors", {}).get(backend)
-            have = [k for k in ("torchscript", "onnx") if files.get(k)]
-            raise ExportError(f"{self.folder} has no {backend} model" + (f" (export failed: {why})" if why else "")
-                              + f"; available: {', '.join(have) or 'none'}")
-        path = inside(self.folder, target, f"the {backend} file in {MODEL_INFO}")  # also when verify=False
-        if not path.is_file():
-            raise ExportError(f"exported model {self.folder} is incomplete: missing file {target}")
-        if backend == "torchscript":
-            self._run = _TorchScriptBackend(path, device)
+            # every model file is checked (inside the folder) before any is loaded, also when verify=False
+            paths = {k: self._model_path(files, k) for k in have}
+            reasons = []
+            for fmt in have:
+                try:
+                    self._run = self._backend(fmt, paths[fmt], device)
+                except ExportError as exc:  # e.g. onnxruntime missing, a .pt2 from another torch
+                    reasons.append(f"{fmt}: {exc}")
+                    continue
+                if reasons:
+                    log.warning("exported model %s: backend 'auto' uses %s; could not use %s", self.folder, fmt,
+                                "; ".join(reasons))
+                backend = fmt
+                break
+            else:
+                raise ExportError(f"exported model {self.folder}: no model file could be loaded: "
+                                  + ("; ".join(reasons) or f"{MODEL_INFO} names none"))
         else:
-            self._run = _OnnxBackend(path, self.info["inputs"])
+            if not files.get(backend):
+                why = self.info.get("export_errors", {}).get(backend)
+                raise ExportError(f"{self.folder} has no {backend} model" + (f" (export failed: {why})" if why else "")
+                                  + f"; available: {', '.join(have) or 'none'}")
+            self._run = self._backend(backend, self._model_path(files, backend), device)
         self.backend = backend
         self._text: TextEncoder | None = None
         if self.modality == "text":
@@ -474,6 +838,20 @@ class ExportedModel:
             self._text = TextEncoder(tok_dir, self.preprocessing.get("max_length", 128))
         log.info("loaded %s (%s, %d classes) with backend %s", self.folder, self.info.get("architecture"),
                  len(self.classes), backend)
+
+    def _model_path(self, files: dict, fmt: str) -> Path:
+        target = files[fmt]
+        path = inside(self.folder, target, f"the {fmt} file in {MODEL_INFO}")  # also when verify=False
+        if not path.is_file():
+            raise ExportError(f"exported model {self.folder} is incomplete: missing file {target}")
+        return path
+
+    def _backend(self, fmt: str, path: Path, device: str):
+        if fmt == "pt2":
+            return _Pt2Backend(path, device)
+        if fmt == "torchscript":
+            return _TorchScriptBackend(path, device)
+        return _OnnxBackend(path, self.info["inputs"])
 
     def _json(self, name: str):
         return _load_json(self.folder, name)
@@ -632,7 +1010,9 @@ def load_exported(folder: str | Path, backend: str = "auto", *, verify: bool = T
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ExportedModel:
     """Load an exported folder (checking every file it needs against ``manifest.json``).
 
-    ``backend``: ``"torchscript"`` (default when present), ``"onnx"`` (needs onnxruntime) or ``"auto"``.
+    ``backend``: ``"pt2"`` (``model.pt2``, a torch.export program, checked by :func:`load_pt2`), ``"onnx"``
+    (needs onnxruntime), ``"torchscript"`` (legacy; ``torch.jit.load`` is deprecated) or ``"auto"``: the first
+    of these the folder holds that loads here (a fallback is logged as a warning).
     ``max_image_pixels``: image files whose header declares more pixels are refused before decoding
     (``None``: no limit beyond PIL's own).
     """
