@@ -135,6 +135,13 @@ class TrialEvents(tune.Callback):
     def __init__(self, events: Events | None = None):
         self.events = events if events is not None else Events()
 
+    # Tune saves its callbacks with the experiment; the events (locks, clients) live on this driver only
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.events = Events()
+
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = {k: v for k, v in dict(trial.config).items() if k in TrialConfig.model_fields}
         self.events.emit(TrialStarted(str(trial.trial_id), cfg))
