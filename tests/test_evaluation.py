@@ -220,3 +220,29 @@ def test_evaluate_winner_on_few_shot_digits(digits_model, small_digits_task, fea
     assert set(s["files"]) >= {"per_class.csv", "confusion.png", "reliability.png", "calibration.json",
                                "fairness.csv", "predictions.csv", "summary.json"}
     assert ev.calibration.temperature == s["calibration"]["temperature"]
+
+
+def test_task_fairness_section_gives_the_groups(tmp_path):
+    """``task_groups`` reads a task's ``fairness`` section (the task-file field proposed for task.py)."""
+    from types import SimpleNamespace
+
+    from autoft.data import load_csv
+    from autoft.evaluation.sources import task_groups
+    from autoft.task import parse_task
+
+    (tmp_path / "t.tsv").write_text("Label\tSMS\tsrc\nham\thi there\tA\nspam\t" + "WIN " * 20 + "\tB\n",
+                                    encoding="utf-8")
+    (tmp_path / "g.csv").write_text("index,group\n0,x\n1,y\n", encoding="utf-8")
+    task = parse_task({"name": "t", "modality": "text", "data": {"source": "csv", "path": "t.tsv", "text_column": "SMS",
+                                                                  "label_column": "Label"}}, tmp_path / "t.yaml")
+    data = load_csv(tmp_path / "t.tsv", "SMS", "Label")
+    assert task_groups(task, data) == (None, "")
+    for spec, want in (({"group_column": "src"}, ["A", "B"]), ({"length_bands": [60]}, ["<=60", ">60"]),
+                       ({"groups_file": "g.csv"}, ["x", "y"])):
+        t = SimpleNamespace(data=task.data, data_path=task.data_path, file=task.file,
+                            fairness=SimpleNamespace(**{"group_column": None, "groups_file": None,
+                                                        "length_bands": None, **spec}))
+        groups, _ = task_groups(t, data)
+        assert groups.tolist() == want, spec
+    # options given explicitly win over the task file's section
+    assert task_groups(t, data, length_bands=[3])[0].tolist() == [">3", ">3"]

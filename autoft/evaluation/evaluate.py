@@ -200,7 +200,7 @@ def evaluate_predictions(logits, target, class_names: list[str], folder: str | P
                             "predicted": [class_names[i] for i in preds.tolist()],
                             "correct": (preds == y).numpy(), "probability": conf.numpy()})
     if groups is not None:
-        pred_df.insert(1, group_name, list(groups))
+        pred_df.insert(1, group_name if group_name not in pred_df.columns else f"group:{group_name}", list(groups))
     for k, name in enumerate(class_names if c <= 20 else []):
         pred_df[f"p_{name}"] = p_cal[:, k].numpy()
     files.append(_write_csv(pred_df, folder / "predictions.csv"))

@@ -110,6 +110,9 @@ def group_fairness(target, probs, groups, class_names: list[str], metric: str, p
     small = [f"{n} ({int(table.loc[n, 'examples'])})" for n in names if table.loc[n, "examples"] < SMALL_GROUP]
     if small:
         notes.append(f"group(s) with fewer than {SMALL_GROUP} examples, whose rates are noisy: {', '.join(small)}")
+    if len(names) > 50:
+        notes.append(f"{len(names)} groups: is the attribute a category? (a continuous value can be banded, "
+                     "e.g. --length-bands for texts)")
     gaps: dict = {"groups": len(names)}
     spread = lambda col: float(table[col].max() - table[col].min()) if table[col].notna().any() else None  # noqa: E731
     pos_name = None

@@ -149,8 +149,12 @@ def bootstrap_ci(probs, target, metric: str, num_classes: int, positive_index: i
     if n == 0 or n_boot < 1:
         return Interval(metric, value, float("nan"), float("nan"), level, 0)
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=gen)
-    vals = np.array([metric_value(metric, p[i], preds[i], t[i], num_classes, positive_index) for i in idx])
+    vals = np.empty(n_boot)
+    chunk = max(1, min(n_boot, 2_000_000 // n))  # resample indices drawn a chunk at a time: bounded memory
+    for start in range(0, n_boot, chunk):
+        idx = torch.randint(0, n, (min(chunk, n_boot - start), n), generator=gen)
+        for k, i in enumerate(idx):
+            vals[start + k] = metric_value(metric, p[i], preds[i], t[i], num_classes, positive_index)
     vals = vals[np.isfinite(vals)]
     if not len(vals):
         return Interval(metric, value, float("nan"), float("nan"), level, 0)
