@@ -134,7 +134,7 @@ def read_state_file(path: Path) -> dict:
     """A file's tensors: safetensors files through ``safetensors`` (no code can run), anything else
     with ``torch.load(..., weights_only=True)``.  Call only on a verified file."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
             from safetensors.torch import load_file
         except ImportError:
@@ -155,6 +155,17 @@ def read_state_file(path: Path) -> dict:
             f"weights file {path} holds more than tensors{found}. Reading it would run pickled code, "
             "which autoft never allows (torch.load with weights_only=True refused it); it was not loaded. "
             "Use a checkpoint that holds only a state dict of tensors.") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length, then a JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size
 
 
 # --- files that are not downloaded by autoft ---------------------------------------------------------
@@ -191,7 +202,8 @@ def verify_hub_blob(path: Path, what: str = "weights file") -> Path:
     if not re.fullmatch(r"[0-9a-f]{64}", name):
         raise WeightsError(f"{what} {path} is not a content-addressed blob of a Hugging Face cache (its target "
                            f"{blob} is not named by a sha256); refusing to load a file that cannot be verified")
-    return verify_file(blob, name, what)
+    verify_file(blob, name, what)
+    return path
 
 
 def package_file_sha256(package: str, relpath: str) -> str | None:
