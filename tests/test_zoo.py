@@ -380,7 +380,7 @@ def test_unknown_backbone_suggests_a_close_name():
 def test_registry_lists_every_family():
     specs = {s.name: s for s in list_backbones()}
     assert {"resnet20", "resnet32", "resnet44", "resnet56", "minilm", "resnet18", "convnext_tiny", "vit_b_16",
-            "swin_t"} <= set(specs)
-    assert {"cifar_resnet", "torchvision", "hf_text"} <= {s.family for s in specs.values()}
+            "swin_t", "mobilenet_v2_folded"} <= set(specs)
+    assert {"cifar_resnet", "torchvision", "hf_text", "local"} <= {s.family for s in specs.values()}
     assert get_spec("all-minilm-l6-v2") is specs["minilm"]
     assert specs["minilm"].available() and specs["minilm"].modality == "text"

@@ -17,7 +17,7 @@ describe them without building anything.
 """
 from __future__ import annotations
 
-from autoft.zoo import cifar_resnet, hf_text, timm_models, torchvision_models  # noqa: F401 (registration)
+from autoft.zoo import cifar_resnet, hf_text, local, timm_models, torchvision_models  # noqa: F401 (registration)
 from autoft.zoo._api import (BackboneRecord, ImagePreset, TextPreset, WeightsSource, describe_backbones, get_record,
                              list_records, register, register_backbone, register_resolver)
 from autoft.zoo.base import Backbone, Preprocessing
