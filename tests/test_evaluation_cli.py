@@ -168,7 +168,8 @@ def test_fairness_by_message_length_on_real_sms(sms_length_task, feature_cache, 
     table = pd.DataFrame(f["groups"]).set_index("group")
     assert set(table.index) == {"<=60", ">60"}
     texts = [td.data.inputs[i] for i in np.sort(td.splits.test)]
-    assert table.examples.to_dict() == {"<=60": sum(len(t) <= 60 for t in texts), ">60": sum(len(t) > 60 for t in texts)}
+    assert table.examples.to_dict() == {"<=60": sum(len(t) <= 60 for t in texts),
+                                        ">60": sum(len(t) > 60 for t in texts)}
     rate = preds.assign(sel=preds.predicted == "spam").groupby("length_band").sel.mean()
     assert f["gaps"]["demographic_parity_difference"] == pytest.approx(abs(rate["<=60"] - rate[">60"]))
     assert table.loc["<=60", "selection_rate"] == pytest.approx(rate["<=60"])
@@ -342,7 +343,8 @@ def test_export_carries_calibration_and_predict_applies_it(sms_length_task, feat
     task, td = sms_length_task
     r = search(task, overrides={"unfreeze": 0, "epochs": 2}, n_trials=1, rank=False, results_dir=tmp_path / "results",
                final_check=False, task_data=td)
-    X.export_trial(task, tmp_path / "export", study=r.study, task_data=td, cache=feature_cache, formats=("torchscript",))
+    X.export_trial(task, tmp_path / "export", study=r.study, task_data=td, cache=feature_cache,
+                   formats=("torchscript",))
     cal = json.loads((tmp_path / "export" / "calibration.json").read_text())
     assert cal["threshold"] is not None and cal["positive_class"] == "spam" and cal["temperature"] > 0
     assert "calibration.json" in json.loads((tmp_path / "export" / "manifest.json").read_text())["files"]

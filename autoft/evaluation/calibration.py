@@ -195,7 +195,8 @@ def reliability_diagram(probs, target, path: str | Path, n_bins: int = 15, title
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     if compare is not None:
         acc2, conf2, _ = curve(as_tensor(compare[0], torch.float32))
-        ax.plot(conf2, acc2, marker="s", ms=4, c="tab:grey", alpha=0.7, label=f"{compare[1]} (ECE {ece(compare[0], t, n_bins):.3f})")
+        ax.plot(conf2, acc2, marker="s", ms=4, c="tab:grey", alpha=0.7,
+                label=f"{compare[1]} (ECE {ece(compare[0], t, n_bins):.3f})")
     acc, mean_conf, conf = curve(p)
     ax.plot(mean_conf, acc, marker="o", ms=5, c="tab:blue",
             label=f"{'calibrated' if compare is not None else 'model'} (ECE {ece(p, t, n_bins):.3f})")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 
 def _bands(value: str) -> list[int]:
@@ -28,7 +27,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--task", help="task of the study (name or file); with --model: the task to evaluate on "
                                   "(default: the task file recorded in the export)")
     e.add_argument("--model", help="exported folder (from 'autoft export') instead of a trial of a study")
-    e.add_argument("--study", "--study-name", dest="study_name", default="default", help="study name (default: default)")
+    e.add_argument("--study", "--study-name", dest="study_name", default="default",
+                   help="study name (default: default)")
     e.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
     e.add_argument("--results-dir", default="results", help="where the search wrote results (default: ./results)")
     e.add_argument("--storage", help="Optuna storage URL (default: sqlite under <results-dir>/<task>/)")

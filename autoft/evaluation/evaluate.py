@@ -36,10 +36,9 @@ import pandas as pd
 import torch
 
 from autoft.errors import ConfigError, DataError
-from autoft.evaluation.calibration import (CALIBRATION_FILE, Calibration, ece, fit_calibration,
-                                           reliability_diagram)
-from autoft.evaluation.metrics import (Interval, all_metrics, bootstrap_ci, confusion_matrix, most_confused,
-                                       per_class_table, predictions)
+from autoft.evaluation.calibration import Calibration, ece, fit_calibration, reliability_diagram
+from autoft.evaluation.metrics import (all_metrics, bootstrap_ci, confusion_matrix, most_confused, per_class_table,
+                                       predictions)
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"

@@ -25,15 +25,18 @@ REPORT = "report.html"
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d1f23}
-main{max-width:1150px;margin:0 auto;padding:18px 28px 60px;background:#fff}
-h1{font-size:24px;margin:8px 0 2px}h2{font-size:19px;margin:30px 0 8px;border-bottom:2px solid #e3e5e8;padding-bottom:4px}
-h3{font-size:15px;margin:18px 0 6px}.sub{color:#5b616b;font-size:13px}
-.tw{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:12.5px;margin:6px 0 10px}th,td{border:1px solid #dde0e4;padding:3px 8px}
-th{background:#f0f2f5;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}.card{background:#f6f8fa;border:1px solid #e1e4e8;border-radius:6px;padding:8px 14px;min-width:150px}
+main{max-width:1150px;margin:0 auto;padding:18px 28px 60px;background:#fff}h1{font-size:24px;margin:8px 0 2px}
+h2{font-size:19px;margin:30px 0 8px;border-bottom:2px solid #e3e5e8;padding-bottom:4px}
+h3{font-size:15px;margin:18px 0 6px}.sub{color:#5b616b;font-size:13px}.tw{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:12.5px;margin:6px 0 10px}
+th,td{border:1px solid #dde0e4;padding:3px 8px}th{background:#f0f2f5;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}
+.card{background:#f6f8fa;border:1px solid #e1e4e8;border-radius:6px;padding:8px 14px;min-width:150px}
 .card .v{font-size:21px;font-weight:600}.card .k{font-size:12px;color:#5b616b}
-.imgs{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}.imgs figure{margin:0}.imgs img{max-width:520px;border:1px solid #e1e4e8}
-figcaption{font-size:12px;color:#5b616b}.note{font-size:12.5px;color:#5b616b}.warn{color:#a15c00}
+.imgs{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}.imgs figure{margin:0}
+.imgs img{max-width:520px;border:1px solid #e1e4e8}figcaption{font-size:12px;color:#5b616b}
+.note{font-size:12.5px;color:#5b616b}.warn{color:#a15c00}
 """
 
 
@@ -113,7 +116,8 @@ def study_section(study_dir: Path) -> str:
             log.warning("report: cannot read best.yaml (%s)", exc)
     if isinstance(best, dict):
         metric = best.get("metric", "score")
-        cards = [_card("winning trial", f"#{best.get('trial', '?')}", str((best.get("config") or {}).get("backbone", ""))),
+        backbone = str((best.get("config") or {}).get("backbone", ""))
+        cards = [_card("winning trial", f"#{best.get('trial', '?')}", backbone),
                  _card(f"validation {metric}", _fmt(best.get("validation_score", best.get("value"))), "search")]
         tm = best.get("test_metrics") or {}
         if isinstance(tm, dict) and metric in tm:
@@ -143,7 +147,7 @@ def study_section(study_dir: Path) -> str:
 
 
 def evaluation_section(ev_dir: Path) -> str:
-    from autoft.evaluation.explain import TOKEN_CSS, token_html  # noqa: F401  (CSS is in the page head)
+    from autoft.evaluation.explain import token_html  # its CSS (TOKEN_CSS) is in the page head
 
     s = _read_json(ev_dir / "summary.json")
     if not s:
@@ -160,7 +164,8 @@ def evaluation_section(ev_dir: Path) -> str:
         a = h["argmax"]
         cards.append(_card(f"{h.get('metric')} with argmax", _fmt(a.get("value")),
                            f"[{_fmt(a.get('low'))}, {_fmt(a.get('high'))}]"))
-    cards.append(_card("ECE", f"{_fmt(ece.get('before'))} → {_fmt(ece.get('after'))}" if cal else _fmt(ece.get("before")),
+    ece_text = f"{_fmt(ece.get('before'))} → {_fmt(ece.get('after'))}" if cal else _fmt(ece.get("before"))
+    cards.append(_card("ECE", ece_text,
                        "before → after temperature scaling" if cal else "expected calibration error"))
     if cal:
         cards.append(_card("temperature", _fmt(cal.get("temperature")), f"fitted on {cal.get('fitted_on', 'val')}"))

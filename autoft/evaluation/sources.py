@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from autoft.errors import ConfigError, DataError
-from autoft.evaluation.evaluate import (SPLITS, Evaluation, ModelAccess, _split_index, data_logits,
-                                        evaluate_predictions, evaluate_winner, split_logits)
+from autoft.evaluation.evaluate import (SPLITS, Evaluation, ModelAccess, data_logits, evaluate_predictions,
+                                        evaluate_winner, split_logits)
 
 log = logging.getLogger(__name__)
 

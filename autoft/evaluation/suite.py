@@ -98,7 +98,8 @@ def find_suite(name_or_path: str | Path) -> Path:
                 return folder / f"{name_or_path}{ext}"
     known = sorted({f.stem for d in (Path.cwd() / "suites", BUILTIN_SUITES) if d.is_dir() for f in d.glob("*.y*ml")})
     raise ConfigError(f"no suite named '{name_or_path}'{did_you_mean(str(name_or_path), known)}: looked for "
-                      f"{name_or_path}.yaml in ./suites/ and {BUILTIN_SUITES}. Known suites: {', '.join(known) or 'none'}")
+                      f"{name_or_path}.yaml in ./suites/ and {BUILTIN_SUITES}. "
+                      f"Known suites: {', '.join(known) or 'none'}")
 
 
 def load_suite(name_or_path: str | Path | Suite) -> Suite:
@@ -304,10 +305,10 @@ class SuiteResult:
 
 def _search_available() -> bool:
     try:
-        from autoft.api import search  # noqa: F401
+        import autoft.api as api
     except ImportError:
         return False
-    return True
+    return callable(getattr(api, "search", None))
 
 
 def run_suite(suite: str | Path | Suite, *, out: str | Path | None = None, mode: str | None = None,
