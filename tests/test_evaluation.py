@@ -246,3 +246,19 @@ def test_task_fairness_section_gives_the_groups(tmp_path):
         assert groups.tolist() == want, spec
     # options given explicitly win over the task file's section
     assert task_groups(t, data, length_bands=[3])[0].tolist() == [">3", ">3"]
+
+
+def test_evaluation_without_captum_skips_explanations(digits_model, small_digits_task, feature_cache, tmp_path,
+                                                      monkeypatch):
+    """captum is optional: without it the evaluation is written and says why explanations are missing."""
+    from autoft.errors import AutoftError
+    from autoft.evaluation import evaluate_winner
+    from autoft.evaluation import explain as E
+
+    def missing():
+        raise AutoftError("attributions need captum: pip install captum")
+
+    monkeypatch.setattr(E, "_captum", missing)
+    ev = evaluate_winner(digits_model, small_digits_task, tmp_path / "ev", cache=feature_cache, n_boot=20, explain=1)
+    assert "captum" in ev.summary["explanations"]["error"] and not (tmp_path / "ev" / "explanations.png").exists()
+    assert (tmp_path / "ev" / "per_class.csv").is_file()
