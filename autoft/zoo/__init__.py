@@ -21,13 +21,14 @@ from autoft.zoo import cifar_resnet, hf_text, local, timm_models, torchvision_mo
 from autoft.zoo._api import (BackboneRecord, ImagePreset, TextPreset, WeightsSource, describe_backbones, get_record,
                              list_records, register, register_backbone, register_resolver)
 from autoft.zoo.base import Backbone, Preprocessing
+from autoft.zoo.local import zoo_files
 
 BackboneSpec = BackboneRecord  # the former name
 get_spec = get_record
 
 __all__ = ["Backbone", "BackboneRecord", "BackboneSpec", "ImagePreset", "Preprocessing", "TextPreset",
            "WeightsSource", "describe_backbones", "get_backbone", "get_preset", "get_record", "get_spec",
-           "list_backbones", "register", "register_backbone", "register_resolver"]
+           "list_backbones", "register", "register_backbone", "register_resolver", "zoo_files"]
 
 
 def list_backbones() -> list[BackboneRecord]:

@@ -15,7 +15,7 @@ or raises :class:`UnknownBackboneError` with a did-you-mean; :func:`describe_bac
 rows ``autoft backbones`` prints, without building any network.
 
 Metadata that a family cannot state up front (a timm model's stage count, a Hugging Face folder's
-parameter count) is filled in by the record's ``lazy`` function the first time it is asked for:
+parameter count) is filled in by the record's ``lazy(missing)`` function the first time it is asked for:
 from a config file, or from the architecture built with parameters on PyTorch's ``meta`` device
 (:func:`empty_init`: no memory, no initialisation, no weights read).
 """
@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -146,8 +148,8 @@ class BackboneRecord:
 
     ``builder(pretrained: bool) -> Backbone``.  ``weights`` may be a callable returning the
     :class:`WeightsSource` (read when asked: a family's records may follow environment variables).
-    ``lazy() -> dict`` fills metadata left ``None`` here (keys: num_stages, feature_dim, num_params,
-    preset); it must not read weights.  ``available() -> bool``: the weights are on this machine.
+    ``lazy(missing: set[str]) -> dict`` fills metadata left ``None`` here (keys among num_stages,
+    feature_dim, num_params, preset); it must not read weights.  ``available() -> bool``: the weights are on this machine.
     """
 
     name: str
@@ -165,7 +167,7 @@ class BackboneRecord:
     aliases: tuple[str, ...] = ()
     architecture: str | None = None  # the network definition, e.g. "torchvision:mobilenet_v2"
     available_fn: Callable[[], bool] | None = None
-    lazy: Callable[[], dict] | None = None
+    lazy: Callable[[set[str]], dict] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. batchnorm: frozen)
     _filled: bool = field(default=False, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
@@ -198,7 +200,7 @@ class BackboneRecord:
                     missing = [k for k in ("num_stages", "feature_dim", "num_params", "preset")
                                if getattr(self, k) is None]
                     if missing and self.lazy is not None:
-                        for key, value in self.lazy().items():
+                        for key, value in self.lazy(set(missing)).items():
                             if getattr(self, key, None) is None:
                                 setattr(self, key, value)
                     self._filled = True
@@ -306,10 +308,8 @@ def get_record(name: str) -> BackboneRecord:
                 return record
     known = known_names()
     hints = "; or " + ", ".join(PREFIX_HINTS) if PREFIX_HINTS else ""
-    shown = sorted(known)
-    listed = ", ".join(shown[:60]) + (f" and {len(shown) - 60} more ('autoft backbones' lists them)"
-                                      if len(shown) > 60 else "")
-    raise UnknownBackboneError(f"unknown backbone '{name}'{did_you_mean(name, known)}. Known: {listed}{hints}.")
+    raise UnknownBackboneError(f"unknown backbone '{name}'{did_you_mean(name, known)}. Known: "
+                               f"{', '.join(sorted(known))}{hints}.")
 
 
 def list_records(family: str | None = None) -> list[BackboneRecord]:
@@ -366,12 +366,31 @@ def memoize(fn: Callable) -> Callable:
     return functools.lru_cache(maxsize=None)(fn)
 
 
-def expand_path(value: str, base: Path | None = None) -> Path:
-    """``${AUTOFT_HOME}``-style variables and ``~`` expanded (the task files' rules); relative
-    paths are relative to ``base``."""
-    from autoft.task import expand_vars
+_VAR = re.compile(r"\$\$|\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+# the task files' rule (autoft.task.expand_vars), without importing the training code
+ALLOWED_VARS = ("AUTOFT_HOME", "HOME", "TMPDIR", "USER", "XDG_CACHE_HOME", "XDG_DATA_HOME")
 
-    out = Path(expand_vars(str(value), None))
+
+def expand_path(value: str, base: Path | None = None, file: str | None = None, field: str | None = None) -> Path:
+    """``${AUTOFT_HOME}``-style variables (those task files may use: AUTOFT_* and a few others; ``$$``
+    is a literal ``$``) and ``~`` expanded; relative paths are relative to ``base``."""
+    from autoft.errors import ConfigError
+    from autoft.home import autoft_home
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        var = m.group(1) or m.group(2)
+        if var not in ALLOWED_VARS and not var.startswith("AUTOFT_"):
+            raise ConfigError(f"environment variable {var} in '{value}' may not be used here: allowed are "
+                              f"{', '.join(ALLOWED_VARS)} and names starting with AUTOFT_", file=file, field=field)
+        if var in os.environ:
+            return os.environ[var]
+        if var == "AUTOFT_HOME":
+            return str(autoft_home())
+        raise ConfigError(f"environment variable {var} used in '{value}' is not set", file=file, field=field)
+
+    out = Path(os.path.expanduser(_VAR.sub(sub, str(value))))
     if not out.is_absolute() and base is not None:
         out = base / out
     return out

@@ -330,9 +330,10 @@ def folder_record(name: str, folder: Path | None, *, how: str, family: str = "hf
         model = load_model(path, pretrained, how, sha256, package)
         return build_model(model, name, str(path), max_length, {"source": str(path)})
 
-    def lazy() -> dict:
+    def lazy(missing: set[str]) -> dict:
         path = where()
-        return {**config_metadata(path), "preset": TextPreset(str(path), max_length)}
+        out = config_metadata(path) if missing - {"preset"} else {}
+        return {**out, "preset": TextPreset(str(path), max_length)}
 
     return BackboneRecord(name=name, family=family, modality="text", builder=builder, weights=weights,
                           description=description, licence=licence, metrics=dict(metrics or {}), aliases=aliases,

@@ -194,7 +194,7 @@ def entry_record(name: str, entry: Entry, file: str, base: Path | None) -> Backb
     preset = _preset(entry, file, name, text)
 
     def path() -> Path:
-        return expand_path(entry.weights, base)
+        return expand_path(entry.weights, base, file, f"backbones.{name}.weights")
 
     if isinstance(entry.sha256, dict) and not text:
         raise ConfigError("sha256 is one hash for an image checkpoint file", file=file, field=f"backbones.{name}.sha256")
@@ -245,7 +245,7 @@ def entry_record(name: str, entry: Entry, file: str, base: Path | None) -> Backb
                               "read as published)", file=file, field=f"backbones.{name}")
         return cifar_resnet.build_from_file(depth, path(), sha, name, pre, pretrained, freeze_norm_stats=frozen)
 
-    def lazy() -> dict:
+    def lazy(missing: set[str]) -> dict:
         target = arch.removeprefix("cifar_resnet:") if arch.startswith("cifar_resnet:") else \
             arch.removeprefix("torchvision:") if arch.startswith("torchvision:") else arch
         rec = get_record(target).complete()

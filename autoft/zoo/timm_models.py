@@ -285,4 +285,4 @@ def _resolve(name: str) -> BackboneRecord:
         name=name, family="timm", modality="image", builder=lambda pretrained=True: build(model_name, name, pretrained),
         weights=weights_location(cfg), preset=preset_from_cfg(cfg), licence=cfg.license,
         description=f"timm {model_name} ({cfg.tag or 'default'} weights)", architecture=name,
-        available_fn=lambda: weights_available(cfg), lazy=lambda: metadata(model_name))
+        available_fn=lambda: weights_available(cfg), lazy=lambda missing: metadata(model_name))
