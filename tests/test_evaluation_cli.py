@@ -68,7 +68,9 @@ def test_evaluate_a_trial_and_its_export_agree(study, capsys):
     e = json.loads((root / "ev-export" / "summary.json").read_text())
     assert e["metrics_argmax"]["accuracy"] == pytest.approx(s["metrics_argmax"]["accuracy"], abs=1e-6)
     assert e["calibration"]["temperature"] == pytest.approx(s["calibration"]["temperature"], rel=1e-3)
-    assert e["calibration_source"] == "fitted on the task's validation split"
+    # fitted here on the validation split, or (once the export carries calibration.json) the export's own
+    carried = (root / "export" / "calibration.json").is_file()
+    assert e["calibration_source"] == ("export" if carried else "fitted on the task's validation split")
     assert (root / "ev-export" / "explanations.png").is_file() and (root / "ev-export" / "report.html").is_file()
 
 
@@ -87,6 +89,11 @@ def test_evaluate_an_export_uses_its_calibration_and_new_labelled_images(study, 
     root, task_file, r = study
     export = tmp_path / "export"
     shutil.copytree(root / "export", export)
+    if (export / "calibration.json").exists():  # an export that carries one: start from one without it
+        (export / "calibration.json").unlink()
+        man = json.loads((export / "manifest.json").read_text())
+        man["files"].pop("calibration.json")
+        (export / "manifest.json").write_text(json.dumps(man), encoding="utf-8")
     # an unlisted calibration.json is neither checked nor used
     (export / "calibration.json").write_text(json.dumps({"format": "autoft-calibration", "temperature": 9.0}))
     from autoft.evaluation.sources import evaluate_export
@@ -357,6 +364,8 @@ def test_export_carries_calibration_and_predict_applies_it(sms_length_task, feat
     z = m.logits(texts)  # raw logits; probabilities use the temperature
     assert np.allclose(preds.probabilities, np.exp(z / cal["temperature"]) / np.exp(z / cal["temperature"]).sum(1,
                        keepdims=True), atol=1e-5)
+    truth = np.array([td.data.class_names[y] for y in td.data.labels[rows]])
+    assert cal["test"]["accuracy"] == pytest.approx(float(np.mean(np.array(preds.labels) == truth)), abs=1e-6)
     ev = evaluate_export(tmp_path / "export", task=task, out=tmp_path / "ev", n_boot=50, explain=0, html=False)
     assert ev.summary["calibration_source"] == "export" and ev.calibration.threshold == cal["threshold"]
     assert (pd.read_csv(tmp_path / "ev" / "predictions.csv").predicted.to_numpy() == np.array(preds.labels)).all()

@@ -47,6 +47,7 @@ class Calibration:
     fitted_on: str = "val"
     examples: int = 0
     validation: dict = field(default_factory=dict)  # ECE / NLL before and after; metric at 0.5 and at the threshold
+    test: dict | None = None  # metrics of this decision on the test split, when recorded (an export's refit)
     format: str = CALIBRATION_FORMAT
     format_version: int = 1
 
