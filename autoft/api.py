@@ -52,6 +52,12 @@ class SearchResult:
     interrupted: bool = False
     budget_taken: bool = False  # nothing ran here: other processes had already taken the budget
     seconds: float = 0.0
+    # how the time was spent: seconds per phase (preparing, ranking, trials, final check, report) and total
+    timings: dict[str, float] = field(default_factory=dict)
+    timeout: float | None = None  # the time budget (seconds), from the call or the task's budget
+    timeout_mode: str = "command"  # command: the timeout bounds the whole search; trials: no new trial after it
+    stopped_by_deadline: list[int] = field(default_factory=list)  # trials of this run the deadline stopped
+    final_check_skipped: str | None = None  # why the final check (or the export) did not run in the time budget
 
     @property
     def best_value(self) -> float | None:
@@ -77,8 +83,13 @@ class SearchResult:
         return leaderboard(self.trials(), self.task.direction, self.study.user_attrs.get(ATTR_RANKING))
 
 
-def validate_budget_options(*, n_trials=None, timeout=None, n_jobs=None, threads=None) -> None:
+def validate_budget_options(*, n_trials=None, timeout=None, n_jobs=None, threads=None, timeout_mode=None) -> None:
     """The command-line budget as the task file checks its own (a :class:`ConfigError` naming the option)."""
+    from autoft.engines.base import TIMEOUT_MODES
+
+    if timeout_mode is not None and timeout_mode not in TIMEOUT_MODES:
+        raise ConfigError(f"unknown timeout mode '{timeout_mode}'; expected one of {', '.join(TIMEOUT_MODES)}",
+                          field="--timeout-mode")
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise ConfigError(f"the study's trial budget must be at least 1, got {n_trials}", field="--n-trials")
     if timeout is not None and not timeout > 0:  # also rejects nan
@@ -115,9 +126,32 @@ class _Ran(Callback):
         self.n += 1
 
 
+def _final_check_skipped(clock, bt, task, req, export) -> str | None:
+    """Why the final check (or the export) of ``bt`` does not fit in the command's time budget, or None."""
+    if not clock.limited:
+        return None
+    fits, cost = clock.final_check_fits(bt)
+    if fits:
+        return None
+    from autoft.study.record import ATTR_SECONDS
+
+    what = "export" if export is not None else "final check"
+    where = (f" --study-name {req.study_name}" + ("" if str(req.results_dir) == "results" else
+                                                   f" --results-dir {req.results_dir}")
+             + (" --storage URL" if req.storage else ""))
+    later = (f"autoft export --task {task.name}{where} --trial {bt.number} --out {export}" if export is not None
+             else f"autoft evaluate --task {task.name}{where} --trial {bt.number}")
+    took = bt.user_attrs.get(ATTR_SECONDS)
+    took = f" (the trial took {took:.0f} s)" if isinstance(took, (int, float)) and not isinstance(took, bool) else ""
+    return (f"the {what} of trial #{bt.number} was skipped to keep the {clock.timeout:g} s time budget: it needs "
+            f"about {cost:.0f} s{took} and {max(0.0, clock.left()):.0f} s are left. Run it later with "
+            f"'{later}', or give the search more time")
+
+
 def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] | None = None,
            backbones: list[str] | None = None, study_name: str = "default", results_dir: str | Path = "results",
-           storage: str | None = None, n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
+           storage: str | None = None, n_trials: int | None = None, timeout: float | None = None,
+           timeout_mode: str | None = None, n_jobs: int = 1,
            pruner: str | None = None, extend: bool = False, backend: str = "optuna", address: str | None = None,
            cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
            device: str | None = None, rank: bool = True, final_check: bool = True,
@@ -130,13 +164,22 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     winner to (its refit is also the final check); ``track`` an MLflow tracking URI (default: the task
     file's ``track``); ``callbacks`` receive the search's events (:mod:`autoft.events`).
 
+    ``timeout`` (default: the task's ``budget.timeout``) is a time budget in seconds. With
+    ``timeout_mode="command"`` (default: the task's ``budget.timeout_mode``, ``command``) it bounds this
+    whole call: the ranking, the trials and the final check are planned inside it; a trial still running
+    near the deadline is stopped at an epoch boundary (recorded pruned, ``stopped_by: time budget``),
+    the winner's final check is reserved from its own trial time, and skipped with a message
+    (``final_check_skipped``) when it cannot fit. ``timeout_mode="trials"`` keeps the old meaning: no
+    new trial starts after ``timeout`` seconds; a running trial and the final check run to their end.
+
     Raises :class:`NoTrialCompleted` when trials ran and every one failed; an interrupted search
     (Ctrl-C) returns with ``interrupted=True`` and what had finished.
     """
+    t0 = time.monotonic()  # the time budget counts from here, imports (torch, optuna) included
     from autoft.core import FeatureCache, fine_tune_and_score
     from autoft.core.device import resolve_device
     from autoft.engines import get_engine
-    from autoft.engines.base import Execution, build_request
+    from autoft.engines.base import Execution, TimeBudget, build_request
     from autoft.results import write_report
     from autoft.results.tables import best_trial, most_common_failure, state_counts
     from autoft.study.record import ATTR_RANKING, ATTR_SURPLUS
@@ -144,17 +187,19 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     from autoft.task import Task, load_task
     from autoft.tracking import make_tracker
 
-    t0 = time.perf_counter()
-    validate_budget_options(n_trials=n_trials, timeout=timeout, n_jobs=n_jobs)
+    validate_budget_options(n_trials=n_trials, timeout=timeout, n_jobs=n_jobs, timeout_mode=timeout_mode)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}", field="--backend")
     task = task if isinstance(task, Task) else load_task(task)
+    timeout = timeout if timeout is not None else task.budget.timeout
+    clock = TimeBudget(timeout, timeout_mode or task.budget.timeout_mode, started=t0,
+                       final_check=final_check, export=export is not None)
     execution = Execution(device=resolve_device(device or task.device), n_jobs=n_jobs, address=address,
                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                           max_concurrent=max_concurrent)
     req = build_request(task, space_path=str(space) if space else None, overrides=overrides, backbones=backbones,
                         study_name=study_name, results_dir=Path(results_dir), storage=storage, n_trials=n_trials,
-                        timeout=timeout, pruner=pruner, extend=extend, execution=execution)
+                        timeout=timeout, pruner=pruner, extend=extend, execution=execution, time_budget=clock)
     if export is not None:  # refuse a bad target now, not after the search
         from autoft.export.export import _check_target
 
@@ -167,9 +212,11 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     if tracker is not None:
         events.callbacks.append(tracker)
     task_data = task_data if task_data is not None else task.prepare(device=execution.device)
+    clock.final_check = final_check and len(task_data.splits.test) > 0  # nothing to reserve without a test split
     cache = FeatureCache()
 
     interrupted = False
+    clock.add("preparing", time.monotonic() - t0)
     try:
         study = engine.run(req, task_data=task_data, events=events, cache=cache, rank=None if rank else False)
     except KeyboardInterrupt:
@@ -182,25 +229,33 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     bt = best_trial(study)
     test_metrics, export_dir = None, None
     cfg = trial_config(bt, "the final check is skipped") if bt is not None and not interrupted else None
-    if cfg is not None:
-        if export is not None:
-            from autoft.export import export_trial
+    skipped = None
+    if cfg is not None and (export is not None or (final_check and len(task_data.splits.test))):
+        skipped = _final_check_skipped(clock, bt, task, req, export)
+    if skipped:
+        log.warning(skipped)
+    elif cfg is not None:
+        with clock.phase("final check"):
+            if export is not None:
+                from autoft.export import export_trial
 
-            log.info("exporting trial #%d (its refit is the final check on the test split)", bt.number)
-            ex = export_trial(task, export, study=study, trial=bt.number, task_data=task_data, cache=cache)
-            test_metrics, export_dir = ex.test_metrics or None, ex.folder
-        elif final_check and len(task_data.splits.test):
-            log.info("final check: refitting trial #%d and scoring it once on the test split", bt.number)
-            test_metrics = fine_tune_and_score(cfg, task_data, cache=cache, test=True).test_metrics
-    rep = write_report(study, task, req.study_dir, test_metrics=test_metrics, space_file=req.space.file,
-                       root=req.results_dir)
+                log.info("exporting trial #%d (its refit is the final check on the test split)", bt.number)
+                ex = export_trial(task, export, study=study, trial=bt.number, task_data=task_data, cache=cache)
+                test_metrics, export_dir = ex.test_metrics or None, ex.folder
+            elif final_check and len(task_data.splits.test):
+                log.info("final check: refitting trial #%d and scoring it once on the test split", bt.number)
+                test_metrics = fine_tune_and_score(cfg, task_data, cache=cache, test=True).test_metrics
+    with clock.phase("report"):
+        rep = write_report(study, task, req.study_dir, test_metrics=test_metrics, space_file=req.space.file,
+                           root=req.results_dir)
     budget_taken = (bt is None and not interrupted and ran.n == 0 and counts.get("fail", 0) == 0
                     and (counts.get("running", 0) > 0 or any(t.user_attrs.get(ATTR_SURPLUS) for t in trials)))
     result = SearchResult(study=study, task=task, results_dir=req.study_dir, storage=req.shown_storage,
                           best_trial=bt, test_metrics=test_metrics, counts=counts, files=list(rep.files),
                           export_dir=export_dir, interrupted=interrupted,
-                          budget_taken=budget_taken,
-                          seconds=time.perf_counter() - t0)
+                          budget_taken=budget_taken, seconds=clock.elapsed(), timings=clock.timings(),
+                          timeout=timeout, timeout_mode=clock.mode,
+                          stopped_by_deadline=sorted(int(k) for k in clock.stopped), final_check_skipped=skipped)
     events.emit(SearchEnded(task=task.name, study=req.study_name, best_number=None if bt is None else bt.number,
                             best_value=None if bt is None else bt.value, best_config=result.best_config,
                             counts=counts, test_metrics=test_metrics, results_dir=req.study_dir,

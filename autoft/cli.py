@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 EXIT_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -84,29 +83,34 @@ def _fmt(v) -> str:
 def cmd_search(args) -> int:
     """``autoft search``: parse, call :func:`autoft.api.search`, print. The use case lives in the API."""
     from autoft.api import NoTrialCompleted, search
-    from autoft.console import SearchProgress
+    from autoft.console import SearchProgress, time_summary
     from autoft.engines.base import parse_overrides
 
     check_budget_options(args)
     task, _ = _task_and_study(args)
     console = _console()
-    view = SearchProgress(console)
-    t0 = time.perf_counter()
+    view = SearchProgress(console, timeout_mode=args.timeout_mode or task.budget.timeout_mode)
     try:
         r = search(task, space=args.space, overrides=parse_overrides(args.set),
                    backbones=args.backbones.split(",") if args.backbones else None, study_name=args.study_name,
                    results_dir=Path(args.results_dir), storage=args.storage, n_trials=args.n_trials,
-                   timeout=args.timeout, n_jobs=args.n_jobs, pruner=args.pruner, extend=args.extend,
+                   timeout=args.timeout, timeout_mode=args.timeout_mode, n_jobs=args.n_jobs, pruner=args.pruner,
+                   extend=args.extend,
                    backend=args.backend, address=args.address, cpus_per_trial=args.cpus_per_trial,
                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, rank=not args.no_rank,
                    final_check=not args.no_final_check, export=args.export, track=args.track, callbacks=[view])
     except NoTrialCompleted as exc:
         view.close()
+        console.print(time_summary(exc.result), soft_wrap=True)
         _summary(console, exc.result)
         raise
     finally:
         view.close()
-    console.print(f"search took {time.perf_counter() - t0:.1f}s")
+    console.print(time_summary(r), soft_wrap=True)
+    if r.final_check_skipped:
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(r.final_check_skipped)}[/]", soft_wrap=True)
     _summary(console, r)
     if r.budget_taken:
         console.print(f"the budget was taken by another process: other processes hold the budget of study "
@@ -241,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix one parameter")
     s.add_argument("--backbones", help="comma-separated backbones to search (replaces the space's list)")
     s.add_argument("--n-trials", type=int, help="total trial budget of the study (default: the task's)")
-    s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--timeout", type=float,
+                   help="time budget in seconds (default: the task's budget.timeout); see --timeout-mode")
+    s.add_argument("--timeout-mode", choices=["command", "trials"],
+                   help="command (default): the timeout bounds the whole command: ranking, trials and final check "
+                        "are planned inside it, a trial running at the deadline stops at an epoch boundary; "
+                        "trials: no new trial starts after the timeout (running trials and the final check run "
+                        "to their end). Default: the task's budget.timeout_mode")
     s.add_argument("--n-jobs", type=int, default=1, help="parallel trials in this process (threads)")
     s.add_argument("--pruner", choices=["hyperband", "median", "successive_halving", "none"])
     s.add_argument("--extend", action="store_true", help="add --n-trials more trials to a finished study")

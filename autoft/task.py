@@ -63,7 +63,10 @@ class SplitSpec(_Model):
 
 class BudgetSpec(_Model):
     n_trials: int = Field(30, ge=1)
-    timeout: float | None = Field(None, gt=0, description="seconds")
+    timeout: float | None = Field(None, gt=0, description="seconds (see timeout_mode)")
+    timeout_mode: Literal["command", "trials"] = Field("command", description=(
+        "command: the timeout bounds the whole search command (ranking, trials, final check); "
+        "trials: no new trial starts after it (a running trial and the final check run to their end)"))
     max_epochs: int = Field(8, ge=1)
 
 

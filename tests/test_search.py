@@ -181,3 +181,26 @@ def test_fewshot_search_prunes_no_trial_before_the_first_rung(tmp_path):
     assert states.count("PRUNED") >= 1, states  # the pruner did act ...
     assert all(len(t.intermediate_values) >= 2 for t in study.trials), \
         [len(t.intermediate_values) for t in study.trials]  # ... but never after epoch 1
+
+
+def test_progress_counts_a_retried_trial_once(capsys):
+    """A failed trial run again in the same search (a stale trial retried) counts once, through its
+    retry, as the study's budget does: the progress reads 8/8 done, not 9/8."""
+    from rich.console import Console
+
+    from autoft.console import SearchProgress
+    from autoft.events import SearchStarted, TrialEnded
+
+    view = SearchProgress(Console(width=300, highlight=False))
+    view.on_search_start(SearchStarted(task="t", study="s", engine="optuna", budget=8, metric="accuracy",
+                                       direction="maximize", storage="sqlite://", backbones=("resnet20",),
+                                       device="cpu"))
+    cfg = {"backbone": "resnet20", "unfreeze": 0}
+    for n in range(9):
+        state, origin = ("fail", "sampler") if n == 3 else ("complete", "retry of #3" if n == 4 else "sampler")
+        view.on_trial_end(TrialEnded(key=str(n), state=state, value=None if state == "fail" else 0.5, config=cfg,
+                                     epochs=1, number=n, origin=origin))
+    view.close()
+    out = capsys.readouterr().out
+    assert "trial 4 complete (retry of #3)" in out and "4/8 done" in out  # #3 failed, #4 ran it again
+    assert "8/8 done" in out and "9/8 done" not in out, out

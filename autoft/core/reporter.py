@@ -1,4 +1,9 @@
-"""The one thing the core knows about search engines: a reporter it calls after every epoch."""
+"""The one thing the core knows about search engines: a reporter it calls after every epoch.
+
+A reporter may also have an ``on_train_start()`` method (not part of the protocol, so existing
+reporters need none): the core calls it once, just before the first epoch, when the model is built
+and the frozen-prefix features are ready. Engines use it to time epochs apart from that set-up (a
+time budget stops a trial at the epoch boundary where its next epoch would end too late)."""
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable

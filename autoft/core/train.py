@@ -222,6 +222,8 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
 
     history: list[dict[str, float]] = []
     best_score, best_epoch, stopped, metrics = -math.inf * sign, 0, False, {}
+    if callable(getattr(reporter, "on_train_start", None)):  # epochs are timed from here (autoft.core.reporter)
+        reporter.on_train_start()
     # a head on cached pooled features is tiny: per-op threading overhead would dominate it
     with single_thread(start > backbone.num_stages and device.type == "cpu"):
         for epoch in range(1, cfg.epochs + 1):

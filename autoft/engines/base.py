@@ -9,7 +9,11 @@ the Ray engine on a Ray cluster; both translate the same :class:`~autoft.engines
 """
 from __future__ import annotations
 
+import math
 import re
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -37,6 +41,150 @@ class Execution:
     max_concurrent: int | None = None
 
 
+TIMEOUT_MODES = ("command", "trials")
+STOPPED_BY_BUDGET = "time budget"  # the ``stopped_by`` attribute of a trial the deadline stopped
+
+
+class TimeBudget:
+    """The clock of one search command, and (``timeout_mode`` ``command``) its deadline.
+
+    ``command`` (default): ``timeout`` seconds bound the whole command, counted from ``started``:
+    preparing the data, the ranking, the trials, the final check of the winner and the report are
+    planned inside it. Trials get the time up to :meth:`trials_end`: the deadline less the expected
+    cost of the final check (:meth:`reserve_final_check`, from the winner's own trial time) and
+    :attr:`TAIL_SECONDS` for the report. A trial is stopped at the last epoch boundary where its next
+    epoch would end after that point (:meth:`next_epoch_fits`), and a new trial starts only while a
+    trial as long as the longest one so far would still end by then (:meth:`may_start_trial`): a trial
+    cut short by the deadline is no candidate for the winner.
+
+    ``trials``: the old meaning, "no new trial starts after ``timeout`` seconds of trials" (a running
+    trial runs to its end, and the final check follows); the engines pass ``timeout`` to Optuna /
+    Ray Tune as before. Either way the phases are timed (:meth:`phase`, :attr:`phases`).
+    """
+
+    TAIL_SECONDS = 3.0  # the report files, the summary and the end of the process
+    FINAL_CHECK_FACTOR = 1.15  # the refit also prepares the test split's features and scores it
+    FINAL_CHECK_EXTRA = 1.0  # seconds: loading the winner's configuration, scoring the test split
+    EXPORT_EXTRA = 15.0  # seconds: writing and checking the export's formats (pt2, ONNX)
+    GRACE = 0.05  # of the budget: how far past the deadline an expected final check may end
+
+    def __init__(self, timeout: float | None = None, mode: str = "command", *, started: float | None = None,
+                 final_check: bool = True, export: bool = False, clock=time.monotonic):
+        if mode not in TIMEOUT_MODES:
+            from autoft.errors import ConfigError
+
+            raise ConfigError(f"unknown timeout mode '{mode}'; expected one of {', '.join(TIMEOUT_MODES)}",
+                              field="--timeout-mode")
+        self.timeout, self.mode, self.final_check, self.export = timeout, mode, final_check, export
+        self.clock = clock
+        self.started = clock() if started is None else started
+        self.phases: dict[str, float] = {}  # name -> seconds, in the order the phases ran
+        self.reserved = 0.0  # seconds kept for the final check of the current winner
+        self.longest_trial = 0.0  # seconds of the longest trial so far (projected to all its epochs)
+        self.stopped: list = []  # keys (Optuna: trial numbers) of the trials the deadline stopped
+        self._lock = threading.Lock()
+
+    # -- the deadline ------------------------------------------------------------------------------
+    @property
+    def limited(self) -> bool:
+        """True when the timeout bounds the whole command (``command`` mode with a timeout)."""
+        return self.mode == "command" and self.timeout is not None
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout if self.limited else math.inf
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def left(self) -> float:
+        """Seconds to the deadline (``inf`` without one; negative once passed)."""
+        return self.deadline - self.clock()
+
+    def trials_end(self) -> float:
+        """When trials must have ended for the final check and the report to fit before the deadline."""
+        return self.deadline - self.reserved - self.TAIL_SECONDS
+
+    def refit_cost(self, seconds) -> float | None:
+        """Expected seconds of the final check of a trial that took ``seconds`` (None: not a duration)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+            return None
+        cost = self.FINAL_CHECK_FACTOR * max(0.0, float(seconds)) + self.FINAL_CHECK_EXTRA
+        return cost + (self.EXPORT_EXTRA if self.export else 0.0)
+
+    def final_check_cost(self, trial) -> float | None:
+        """Expected seconds of the final check of ``trial`` (a refit, from its own ``seconds``), or None
+        when the trial does not say how long it took."""
+        from autoft.study.record import ATTR_SECONDS
+
+        return self.refit_cost(trial.user_attrs.get(ATTR_SECONDS)) if trial is not None else None
+
+    def reserve_final_check(self, winner) -> None:
+        """Keep the expected final check of ``winner`` (the best trial so far, or None) out of the trials' time."""
+        from autoft.study.record import ATTR_SECONDS
+
+        self.reserve(winner.user_attrs.get(ATTR_SECONDS) if winner is not None else None)
+
+    def reserve(self, winner_seconds) -> None:
+        """As :meth:`reserve_final_check`, from the winner's trial time (None: no winner yet)."""
+        cost = self.refit_cost(winner_seconds) if self.final_check or self.export else None
+        self.reserved = cost or 0.0
+
+    def final_check_fits(self, winner) -> tuple[bool, float]:
+        """Whether the final check of ``winner`` is expected to end by the deadline, and its expected
+        seconds. The estimate has its own margin (:attr:`FINAL_CHECK_FACTOR`), so an expected end up to
+        :attr:`GRACE` of the budget past the deadline (a last epoch that ran long) still counts as fitting."""
+        cost = self.final_check_cost(winner) or 0.0
+        return self.clock() + cost + self.TAIL_SECONDS <= self.deadline + self.GRACE * (self.timeout or 0.0), cost
+
+    # -- trials ------------------------------------------------------------------------------------
+    def next_epoch_fits(self, epoch_seconds: float) -> bool:
+        """Whether another epoch as long as the last one ends before :meth:`trials_end`."""
+        return not self.limited or self.clock() + max(0.0, epoch_seconds) <= self.trials_end()
+
+    def trials_over(self) -> bool:
+        """Whether :meth:`trials_end` has passed."""
+        return self.limited and self.clock() >= self.trials_end()
+
+    def note_trial(self, seconds, epochs_run, planned_epochs) -> None:
+        """A trial ran ``epochs_run`` of its ``planned_epochs`` in ``seconds`` (so far, or in all)."""
+        try:
+            seconds, epochs_run, planned = float(seconds), int(epochs_run), int(planned_epochs)
+        except (TypeError, ValueError):
+            return
+        if epochs_run < 1 or planned < 1 or not math.isfinite(seconds):
+            return
+        with self._lock:
+            self.longest_trial = max(self.longest_trial, seconds * max(1.0, planned / epochs_run))
+
+    def may_start_trial(self) -> bool:
+        """Whether a new trial as long as the longest one so far (all its epochs) ends by :meth:`trials_end`
+        (the first trial starts whenever there is time left for trials)."""
+        return not self.limited or self.clock() + self.longest_trial < self.trials_end()
+
+    def trial_stopped(self, key) -> None:
+        with self._lock:
+            self.stopped.append(key)
+
+    # -- timings -----------------------------------------------------------------------------------
+    @contextmanager
+    def phase(self, name: str):
+        """Time the block as phase ``name`` (added up when a phase runs more than once)."""
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.add(name, self.clock() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.phases[name] = self.phases.get(name, 0.0) + max(0.0, seconds)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase, in order, and ``total`` (seconds since the command started)."""
+        return {**{k: round(v, 3) for k, v in self.phases.items()}, "total": round(self.elapsed(), 3)}
+
+
 @dataclass
 class SearchRequest:
     """One search: the task, its space (after overrides), the budget, the pruner and how to run it."""
@@ -52,6 +200,8 @@ class SearchRequest:
     extend: bool = False
     fixed: dict[str, Any] = field(default_factory=dict)  # values every trial gets (epochs, seed)
     execution: Execution = field(default_factory=Execution)
+    # the command's clock and deadline; None: ``timeout`` means "no new trial after" (as before)
+    time_budget: TimeBudget | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.results_dir = Path(self.results_dir)
@@ -82,6 +232,12 @@ class SearchRequest:
     @property
     def shown_storage(self) -> str:
         return self.location.shown_storage
+
+    @property
+    def trials_timeout(self) -> float | None:
+        """What the engine passes on as "no new trial starts after this many seconds": ``timeout``,
+        unless the request's time budget bounds the whole command (then its deadline rules)."""
+        return None if self.time_budget is not None and self.time_budget.limited else self.timeout
 
     @property
     def budget(self) -> int:

@@ -10,21 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import warnings
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import optuna
 from optuna.trial import TrialState
 
 from autoft.core import FeatureCache, TaskData, fine_tune_and_score
-from autoft.engines.base import SearchRequest, search_started
+from autoft.engines.base import STOPPED_BY_BUDGET, SearchRequest, TimeBudget, search_started
 from autoft.events import EpochReported, Events, TrialEnded, TrialStarted
 from autoft.study.budget import (FINISHED, BudgetCallback, claims_budget, count_finished, counted_trials,  # noqa: F401
                                  parse_worker, recover_interrupted, worker_id)
 from autoft.study.optuna_internals import bracket_study, live_system_attrs
 from autoft.study.record import (ATTR_CONFIG, ATTR_FAIL, ATTR_INTERRUPTED, ATTR_RANKING, ATTR_RETRY_OF,  # noqa: F401
-                                 ATTR_SURPLUS, ATTR_WORKER, config_of, failure_attrs, result_attrs, trial_origin)
+                                 ATTR_STOPPED_BY, ATTR_SURPLUS, ATTR_WORKER, config_of, failure_attrs, result_attrs,
+                                 trial_origin)
 from autoft.study.storage import RetryStaleTrial, _retrying, open_storage, postgres_driver  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -32,19 +35,34 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 class OptunaReporter:
-    """Adapts an Optuna trial to the core's Reporter protocol (and emits the ``epoch`` event)."""
+    """Adapts an Optuna trial to the core's Reporter protocol (and emits the ``epoch`` event).
 
-    def __init__(self, trial: optuna.Trial, events: Events | None = None):
+    With a time budget that bounds the command (:class:`~autoft.engines.base.TimeBudget`), it also stops
+    the trial at the epoch boundary where another epoch as long as the last one would end after the
+    trials' share of the deadline (``stopped_by`` then says so)."""
+
+    def __init__(self, trial: optuna.Trial, events: Events | None = None, budget: TimeBudget | None = None):
         self.trial = trial
         self.events = events
+        self.budget = budget if budget is not None and budget.limited else None
         self.pruned_at: int | None = None
+        self.stopped_by: str | None = None
+        self._last = time.monotonic()
+
+    def on_train_start(self) -> None:  # the core calls it before the first epoch
+        self._last = time.monotonic()
 
     def report(self, step: int, value: float, metrics: dict[str, float]) -> bool:
+        now = time.monotonic()
+        epoch_seconds, self._last = now - self._last, now
         self.trial.report(value, step)
         if self.events:
             self.events.emit(EpochReported(str(self.trial.number), int(step), float(value), dict(metrics)))
         if self.trial.should_prune():
             self.pruned_at = step
+            return True
+        if self.budget is not None and not self.budget.next_epoch_fits(epoch_seconds):
+            self.pruned_at, self.stopped_by = step, STOPPED_BY_BUDGET
             return True
         return False
 
@@ -136,7 +154,7 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
             trial.set_user_attr(ATTR_CONFIG, cfg.model_dump())
             if events:
                 events.emit(TrialStarted(str(trial.number), cfg.model_dump(), _origin(trial)))
-            reporter = OptunaReporter(trial, events)
+            reporter = OptunaReporter(trial, events, req.time_budget)
             result = fine_tune_and_score(cfg, task_data, reporter, cache=cache)
         except KeyboardInterrupt:
             _set_attrs(trial, {**failure_attrs("Interrupted: stopped by the user (Ctrl-C); retried on resume"),
@@ -147,6 +165,11 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
             raise
         _set_attrs(trial, result_attrs(result, task_data.metric))
         if reporter.pruned_at is not None and result.stopped_early:
+            if reporter.stopped_by:  # the deadline, not the pruner: its reported epochs are kept
+                trial.set_user_attr(ATTR_STOPPED_BY, reporter.stopped_by)
+                req.time_budget.trial_stopped(trial.number)
+                log.info("trial %d stopped by the time budget after epoch %d", trial.number, reporter.pruned_at)
+                raise optuna.TrialPruned(f"stopped by the time budget after epoch {reporter.pruned_at}")
             raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
         return result.score
 
@@ -174,6 +197,27 @@ def trial_ended(t) -> TrialEnded:
                       number=t.number, origin=trial_origin(t))
 
 
+class _Deadline:
+    """Study callback (a time budget bounding the command): after each trial, keep the final check of
+    the best trial so far out of the trials' time, and start no trial that is not expected to end in time."""
+
+    def __init__(self, budget: TimeBudget):
+        self.budget = budget
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        from autoft.results.tables import best_trial
+        from autoft.study.record import ATTR_EPOCHS, ATTR_SECONDS
+
+        self.budget.note_trial(trial.user_attrs.get(ATTR_SECONDS), trial.user_attrs.get(ATTR_EPOCHS),
+                               config_of(trial).get("epochs"))
+        if trial.state == TrialState.COMPLETE:
+            self.budget.reserve_final_check(best_trial(study))
+        if not self.budget.may_start_trial():
+            log.info("time budget: no new trial (%.0f s to the deadline, %.0f s of them kept for the final "
+                     "check and the report)", self.budget.left(), self.budget.reserved + self.budget.TAIL_SECONDS)
+            study.stop()
+
+
 class _EmitTrialEnd:
     """Study callback: the ``trial_end`` event once Optuna has stored the finished trial."""
 
@@ -189,7 +233,10 @@ class _EmitTrialEnd:
 def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callbacks: list | None = None,
               cache: FeatureCache | None = None, rank=None, study: optuna.Study | None = None,
               events: Events | None = None) -> optuna.Study:
-    """Run (or resume) the study until it has ``req.budget`` finished trials or the timeout passes.
+    """Run (or resume) the study until it has ``req.budget`` finished trials or the time is up: with
+    ``req.time_budget`` bounding the command, trials stop at epoch boundaries before its deadline (less
+    the winner's final check) and no trial starts that is not expected to end in time; otherwise no
+    trial starts after ``req.timeout`` seconds.
 
     ``rank``: how a new study uses the backbone ranking (:class:`autoft.rank.RankPolicy`; None = the
     default policy, False = no ranking). ``study``: the study of ``req`` if the caller already opened it
@@ -210,17 +257,31 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
         log.info("study '%s' already has %d finished trials (budget %d)", req.study_name, done, budget)
         return study
     cache = cache or FeatureCache()
+    clock = req.time_budget
     if rank is not False and usable_ranking(study):  # rank the backbones on frozen features; try the best first
         from autoft.rank import RankPolicy, apply_ranking
 
-        apply_ranking(study, req, task_data, cache, rank if isinstance(rank, RankPolicy) else RankPolicy())
+        with clock.phase("ranking") if clock is not None else nullcontext():
+            apply_ranking(study, req, task_data, cache, rank if isinstance(rank, RankPolicy) else RankPolicy())
     # with other workers, each one stops once the study as a whole has its budget (alone, n_trials
     # already stops it there, and the check would cost a read of the whole study after every trial)
     stop = [BudgetCallback(budget)] if req.parallel else []
     ended = [_EmitTrialEnd(events)] if events else []
-    study.optimize(make_objective(req, task_data, cache, budget, events), n_trials=remaining, timeout=req.timeout,
-                   n_jobs=req.n_jobs, catch=(Exception,), callbacks=[*stop, log_failures, *ended, *(callbacks or [])],
-                   gc_after_trial=False, show_progress_bar=False)
+    deadline = []
+    if clock is not None and clock.limited:
+        from autoft.results.tables import best_trial
+
+        clock.reserve_final_check(best_trial(study))  # a resumed study may already have its winner
+        if not clock.may_start_trial():
+            log.warning("time budget: no time left for trials (%.0f s to the deadline, %.0f s of them kept for "
+                        "the final check and the report)", clock.left(), clock.reserved + clock.TAIL_SECONDS)
+            return study
+        deadline = [_Deadline(clock)]
+    with clock.phase("trials") if clock is not None else nullcontext():
+        study.optimize(make_objective(req, task_data, cache, budget, events), n_trials=remaining,
+                       timeout=req.trials_timeout, n_jobs=req.n_jobs, catch=(Exception,),
+                       callbacks=[*stop, log_failures, *deadline, *ended, *(callbacks or [])],
+                       gc_after_trial=False, show_progress_bar=False)
     return study
 
 

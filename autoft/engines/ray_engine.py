@@ -19,7 +19,15 @@
 * at the end every finished Ray trial is written into an Optuna study in the normal storage
   (params, distributions, per-epoch values, the same user attributes as the Optuna engine;
   ASHA-stopped trials as PRUNED, errors as FAIL with their reason), so ``report``, ``show`` and
-  ``export`` work unchanged.
+  ``export`` work unchanged;
+* a time budget that bounds the command (``timeout_mode: command``, :class:`~autoft.engines.base.TimeBudget`)
+  is applied on the driver by :class:`DeadlineStopper`: a trial whose next epoch would end after the
+  trials' share of the deadline (the deadline less the winner's expected final check and the report)
+  is stopped when it reports an epoch; at that point itself Ray stops every running trial at once,
+  in the middle of an epoch (as Tune's ``time_budget_s``, which only counts the trials' time and is
+  kept as a backstop): the epochs a stopped trial reported are kept, it is recorded PRUNED with
+  ``stopped_by: time budget``, and a trial that never started is not recorded. With
+  ``timeout_mode: trials`` the timeout is Tune's ``time_budget_s``, as before.
 """
 from __future__ import annotations
 
@@ -38,11 +46,11 @@ from optuna.trial import TrialState
 from ray import tune
 
 from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
-from autoft.engines.base import SearchRequest, search_started
+from autoft.engines.base import STOPPED_BY_BUDGET, SearchRequest, TimeBudget, search_started
 from autoft.errors import ConfigError
 from autoft.events import EpochReported, Events, TrialStarted
 from autoft.study.record import (ATTR_CONFIG, ATTR_ENGINE, ATTR_EPOCHS, ATTR_FIRST_TRIAL, ATTR_FIRST_TRIALS,
-                                 ATTR_RANKING, ATTR_RAY_TRIAL, failure_attrs, reported_attrs)
+                                 ATTR_RANKING, ATTR_RAY_TRIAL, ATTR_STOPPED_BY, failure_attrs, reported_attrs)
 from autoft.study.storage import make_private_dir, study_state_dir, warn_malformed
 
 log = logging.getLogger(__name__)
@@ -91,11 +99,17 @@ class RayReporter:
     def __init__(self, epochs: int):
         self.epochs = epochs
         self.started = time.time()
+        self._last = time.monotonic()
+
+    def on_train_start(self) -> None:  # the core calls it before the first epoch
+        self._last = time.monotonic()
 
     def report(self, step: int, value: float, metrics: dict[str, float]) -> bool:
+        now = time.monotonic()
+        epoch_seconds, self._last = now - self._last, now
         tune.report({METRIC: float(value), "epoch": int(step), "planned_epochs": self.epochs,
                      "started": self.started, "elapsed": round(time.time() - self.started, 3),
-                     **{f"val_{k}": float(v) for k, v in metrics.items()}})
+                     "epoch_seconds": round(epoch_seconds, 3), **{f"val_{k}": float(v) for k, v in metrics.items()}})
         return False
 
 
@@ -134,15 +148,19 @@ class TrialEvents(tune.Callback):
 
     def __init__(self, events: Events | None = None):
         self.events = events if events is not None else Events()
+        self.started: set[str] = set()  # trials that started on a worker (in this driver's run)
+        self.running: set[str] = set()
 
     # Tune saves its callbacks with the experiment; the events (locks, clients) live on this driver only
     def __getstate__(self):
         return {}
 
     def __setstate__(self, state):
-        self.events = Events()
+        self.__init__()
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.add(str(trial.trial_id))
+        self.running.add(str(trial.trial_id))
         cfg = {k: v for k, v in dict(trial.config).items() if k in TrialConfig.model_fields}
         self.events.emit(TrialStarted(str(trial.trial_id), cfg))
 
@@ -152,12 +170,66 @@ class TrialEvents(tune.Callback):
             self.events.emit(EpochReported(str(trial.trial_id), int(result["epoch"]), float(result[METRIC]), metrics))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(str(trial.trial_id))
         r = trial.last_result or {}
         log.info("ray trial %s finished after %s epoch(s): %s %.4f", trial.trial_id, r.get("epoch", "?"), METRIC,
                  r.get(METRIC, float("nan")))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(str(trial.trial_id))
         log.info("ray trial %s failed", trial.trial_id)
+
+
+class DeadlineStopper(tune.Stopper):
+    """The command's time budget on the driver (:class:`~autoft.engines.base.TimeBudget`, ``command`` mode).
+
+    Each result is an epoch boundary: a trial whose next epoch (as long as its last one) would end
+    after :meth:`TimeBudget.trials_end` is stopped there; a trial that completes its epochs and is the
+    best so far sets the reserve for the final check. At ``trials_end`` (or when nothing runs and no
+    new trial can report an epoch in time) :meth:`stop_all` ends the sweep: Ray stops the running
+    trials at once, mid-epoch. ``stopped``: the trials this stopped (their ids)."""
+
+    def __init__(self, clock: TimeBudget, direction: str, trial_events: TrialEvents):
+        self.clock, self.sign, self.trial_events = clock, (-1.0 if direction == "minimize" else 1.0), trial_events
+        self.best: float | None = None
+        self.stopped: set[str] = set()
+        self.fired = False
+
+    # Tune saves the stopper with the experiment; the clock is this driver's (a restored sweep: inert)
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.clock, self.trial_events, self.stopped, self.fired, self.best = None, None, set(), False, None
+
+    def __call__(self, trial_id, result) -> bool:
+        if self.clock is None or "epoch" not in result:
+            return False
+        epoch, planned = int(result["epoch"]), int(result.get("planned_epochs") or 0)
+        self.clock.note_trial(result.get("elapsed"), epoch, planned)
+        if planned and epoch >= planned:  # complete: the best so far sets the final check's reserve
+            score = result.get(METRIC)
+            if score is not None and math.isfinite(score) and (self.best is None or
+                                                               self.sign * score > self.sign * self.best):
+                self.best = float(score)
+                self.clock.reserve(float(result.get("elapsed", 0.0)))
+            return False
+        if not self.clock.next_epoch_fits(float(result.get("epoch_seconds", result.get("elapsed", 0.0)))):
+            self.stopped.add(str(trial_id))
+            log.info("ray trial %s stopped by the time budget after epoch %d", trial_id, epoch)
+            return True
+        return False
+
+    def stop_all(self) -> bool:
+        if self.clock is None or not self.clock.limited:
+            return False
+        if not self.fired:
+            running = self.trial_events.running if self.trial_events is not None else set()
+            if self.clock.trials_over() or (not running and not self.clock.may_start_trial()):
+                self.fired = True
+                self.stopped |= set(running)  # Ray stops them now, mid-epoch
+                log.info("time budget: the Ray sweep ends (%d trial(s) running)", len(running))
+        return self.fired
 
 
 def experiment_path(req: SearchRequest) -> Path:
@@ -259,8 +331,15 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: l
     task_data = task_data or task.prepare(device=ex.device)
 
     import ray
+    from contextlib import nullcontext
 
-    started = _init_ray(address, req)
+    clock = req.time_budget
+
+    def phase(name):
+        return clock.phase(name) if clock is not None else nullcontext()
+
+    with phase("starting Ray"):
+        started = _init_ray(address, req)
     try:
         _check_resources(cpus_per_trial, gpus_per_trial, local=not address)
         mode = "min" if task.direction == "minimize" else "max"
@@ -271,8 +350,15 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: l
                                  gpu=gpus_per_trial > 0),
             resources)
         events.emit(search_started(req, "ray", task_data, 0, len(task_data.splits.train)))
+        trial_events = TrialEvents(events)
+        deadline = DeadlineStopper(clock, task.direction, trial_events) if clock is not None and clock.limited \
+            else None
         if tune.Tuner.can_restore(path):
             log.info("resuming the Ray Tune experiment in %s", path)
+            if deadline is not None:
+                log.warning("a resumed Ray sweep keeps the settings it started with: the time budget of this "
+                            "command applies to the final check only")
+                deadline = None
             tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
@@ -283,14 +369,19 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: l
 
                 policy = rank if isinstance(rank, RankPolicy) else RankPolicy()
                 if policy.enabled:
-                    scores, enqueue = plan_first_trials(req, task_data, FeatureCache(), policy)
+                    with phase("ranking"):
+                        scores, enqueue = plan_first_trials(req, task_data, FeatureCache(), policy)
                     log.info("first trials: %s", enqueue)
             _record_plan(req, scores, enqueue)
             tuner = tune.Tuner(fn, tune_config=_tune_config(req, mode, max_concurrent, enqueue,
                                                             len(task_data.splits.train)),
-                               run_config=_run_config(path, events))
-        tuner.fit()
-        study = to_optuna(req, path, events)
+                               run_config=_run_config(path, events, trial_events, deadline))
+        with phase("trials"):
+            if deadline is not None and not clock.may_start_trial():
+                log.warning("time budget: no time left for trials (%.0f s to the deadline)", clock.left())
+            else:
+                tuner.fit()
+            study = to_optuna(req, path, events, trial_events=trial_events, deadline=deadline)
     finally:
         if started:
             ray.shutdown()
@@ -336,19 +427,36 @@ def _tune_config(req: SearchRequest, mode: str, max_concurrent: int | None, enqu
                           points_to_evaluate=list(enqueue or []) or None)
     scheduler = req.pruner_spec(n_train).ray(METRIC, mode)  # the task's pruner, as the Optuna engine reads it
     return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=req.budget,
-                           max_concurrent_trials=max_concurrent, time_budget_s=req.timeout, reuse_actors=True)
+                           max_concurrent_trials=max_concurrent, time_budget_s=_time_budget_s(req),
+                           reuse_actors=True)
 
 
-def _run_config(path: Path, events: Events | None = None):
-    return tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
-                          failure_config=tune.FailureConfig(max_failures=0), callbacks=[TrialEvents(events)])
+def _time_budget_s(req: SearchRequest) -> float | None:
+    """Tune's ``time_budget_s``: the trials' timeout (``trials`` mode), or, when the budget bounds the
+    command, the time left for trials (a backstop: :class:`DeadlineStopper` applies the deadline)."""
+    clock = req.time_budget
+    if clock is None or not clock.limited:
+        return req.trials_timeout
+    return max(1.0, clock.left() - clock.TAIL_SECONDS)
+
+
+def _run_config(path: Path, events: Events | None = None, trial_events: TrialEvents | None = None,
+                deadline: DeadlineStopper | None = None):
+    return tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0, stop=deadline,
+                          failure_config=tune.FailureConfig(max_failures=0),
+                          callbacks=[trial_events if trial_events is not None else TrialEvents(events)])
 
 
 # --------------------------------------------------------------------------------------------
 # Ray results → Optuna study
-def to_optuna(req: SearchRequest, path: Path, events: Events | None = None) -> optuna.Study:
+def to_optuna(req: SearchRequest, path: Path, events: Events | None = None, *, trial_events: TrialEvents | None = None,
+              deadline: DeadlineStopper | None = None) -> optuna.Study:
     """Write every finished trial of the Ray experiment at ``path`` into the Optuna study of ``req``
-    (trials already there are skipped, so this is safe to repeat), and emit each one's ``trial_end``."""
+    (trials already there are skipped, so this is safe to repeat), and emit each one's ``trial_end``.
+
+    ``trial_events``/``deadline``: this driver's view of the sweep that just ran: a trial that never
+    started (stopped while pending) is not recorded, and the trials the time budget stopped carry
+    ``stopped_by``."""
     from autoft.engines.optuna_engine import create_study, trial_ended
 
     study = create_study(req)
@@ -360,29 +468,38 @@ def to_optuna(req: SearchRequest, path: Path, events: Events | None = None) -> o
     if not isinstance(first, list) or not all(isinstance(e, dict) for e in first):
         warn_malformed(None, ATTR_FIRST_TRIALS, first, "no trial is marked as a first trial")
         first = []
-    frozen = [_frozen_trial(req, t, frames.get(t.trial_id), first) for t in analysis.trials if t.trial_id not in have]
+    never_ran = set()
+    if trial_events is not None:  # pending when the sweep ended (time budget): nothing ran, nothing to record
+        never_ran = {t.trial_id for t in analysis.trials if t.trial_id not in trial_events.started
+                     and t.status == "TERMINATED" and (frames.get(t.trial_id) is None or frames[t.trial_id].empty)}
+    stopped = deadline.stopped if deadline is not None else set()
+    frozen = [_frozen_trial(req, t, frames.get(t.trial_id), first, stopped=t.trial_id in stopped)
+              for t in analysis.trials if t.trial_id not in have and t.trial_id not in never_ran]
     unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:
         log.warning("the Ray sweep was interrupted with %d trial(s) unfinished; run the same command again "
                     "to resume it (%s)", len(unfinished), path)
-    elif len(analysis.trials) != req.budget and req.timeout is None:
+    elif len(analysis.trials) != req.budget and req.timeout is None and not never_ran:
         log.warning("the Ray experiment in %s was created with a budget of %d trials (not %d); to run more, "
                     "start a new sweep with another --study-name", path, len(analysis.trials), req.budget)
     frozen = sorted((f for f in frozen if f is not None), key=lambda f: f.datetime_start)
     for f in frozen:  # in the order the trials started
         study.add_trial(f)
-    if events and frozen:
-        added_ids = {f.user_attrs[ATTR_RAY_TRIAL] for f in frozen}
-        for t in study.get_trials(deepcopy=False):  # numbered now
-            if t.user_attrs.get(ATTR_RAY_TRIAL) in added_ids:
-                e = trial_ended(t)
-                events.emit(dataclasses.replace(e, key=str(t.user_attrs[ATTR_RAY_TRIAL])))
+    added_ids = {f.user_attrs[ATTR_RAY_TRIAL] for f in frozen}
+    for t in study.get_trials(deepcopy=False) if frozen else ():  # numbered now
+        if t.user_attrs.get(ATTR_RAY_TRIAL) in added_ids:
+            if t.user_attrs.get(ATTR_STOPPED_BY) and req.time_budget is not None:
+                req.time_budget.trial_stopped(t.number)
+            if events:
+                events.emit(dataclasses.replace(trial_ended(t), key=str(t.user_attrs[ATTR_RAY_TRIAL])))
     added = len(frozen)
     log.info("added %d Ray trial(s) to study '%s'", added, req.study_name)
     return study
 
 
-def _frozen_trial(req: SearchRequest, trial, df, first: list[dict] = ()) -> optuna.trial.FrozenTrial | None:
+def _frozen_trial(req: SearchRequest, trial, df, first: list[dict] = (), stopped: bool = False
+                  ) -> optuna.trial.FrozenTrial | None:
+    """The Optuna record of a finished Ray trial (None: not finished). ``stopped``: the time budget stopped it."""
     status = trial.status
     if status not in ("TERMINATED", "ERROR"):
         return None  # pending or interrupted: Tuner.restore runs it when the sweep resumes
@@ -410,6 +527,9 @@ def _frozen_trial(req: SearchRequest, trial, df, first: list[dict] = ()) -> optu
     if status == "ERROR":
         state = TrialState.FAIL
         attrs.update(failure_attrs(_error_reason(trial)))
+    elif stopped and int(last.get("epoch", 0)) < int(cfg_doc.get("epochs", last.get("planned_epochs", 0))):
+        state = TrialState.PRUNED  # the time budget stopped it (maybe before its first epoch ended)
+        attrs[ATTR_STOPPED_BY] = STOPPED_BY_BUDGET
     elif not rows:
         state = TrialState.FAIL
         attrs.update(failure_attrs("the trial ended without reporting a result"))

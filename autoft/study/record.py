@@ -19,6 +19,8 @@ Trial user attributes
 ``worker``                ``host:pid`` of the process running the trial (Optuna engine)
 ``interrupted``           the trial was cut short (Ctrl-C, dead worker) and is retried
 ``surplus``               started after other workers had taken the budget; never ran
+``stopped_by``            ``time budget``: the command's deadline stopped the trial (recorded PRUNED,
+                          with the epochs it reported)
 ``ray_trial_id``          the Ray Tune trial it came from (Ray engine)
 ========================  ====================================================================
 
@@ -44,6 +46,7 @@ ATTR_RETRY_OF = "retry_of"
 ATTR_WORKER = "worker"
 ATTR_INTERRUPTED = "interrupted"
 ATTR_SURPLUS = "surplus"
+ATTR_STOPPED_BY = "stopped_by"
 ATTR_RAY_TRIAL = "ray_trial_id"
 # study user attributes
 ATTR_RANKING = "ranking"
