@@ -182,27 +182,21 @@ def cmd_show(args) -> int:
 
 
 def cmd_backbones(args) -> int:
+    """The zoo from its records (no network is built): stages, width, parameters, weights present?"""
     import pandas as pd
 
-    from autoft.zoo import list_backbones
+    from autoft.zoo import describe_backbones, zoo_files
 
-    rows = []
-    for spec in list_backbones():
-        try:
-            bb = spec.build(pretrained=False)
-            rows.append({"name": spec.name, "family": spec.family, "modality": spec.modality,
-                         "stages": bb.num_stages, "feature_dim": bb.feature_dim,
-                         "params_M": round(sum(p.numel() for p in bb.parameters()) / 1e6, 2),
-                         "weights_local": "yes" if spec.available() else "no", "description": spec.description})
-        except Exception as exc:
-            rows.append({"name": spec.name, "family": spec.family, "modality": spec.modality, "stages": None,
-                         "feature_dim": None, "params_M": None, "weights_local": "no",
-                         "description": f"unavailable: {exc}"})
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(describe_backbones(args.names or None, family=args.family))
     if args.json:
         print(df.to_json(orient="records", indent=1))
-    else:
-        _print_table(_console(), df, "Backbone zoo", max_rows=1000)
+        return 0
+    console = _console()
+    _print_table(console, df.drop(columns=[c for c in ("weights",) if c in df.columns and not args.verbose_weights]),
+                 "Backbone zoo", max_rows=1000)
+    files = zoo_files()
+    console.print("zoo files: " + (", ".join(str(f) for f in files) if files else
+                                   "none (declare your own checkpoints in ./zoo.yaml or $AUTOFT_ZOO)"))
     return 0
 
 
@@ -276,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--top", type=int, default=10)
     sh.set_defaults(func=cmd_show)
 
-    b = sub.add_parser("backbones", help="list the backbone zoo")
+    b = sub.add_parser("backbones", help="list the backbone zoo (no network is built)")
+    b.add_argument("names", nargs="*", help="only these backbones (e.g. resnet50 timm:convnext_atto)")
+    b.add_argument("--family", help="only this family (cifar_resnet, torchvision, timm, hf_text, local)")
+    b.add_argument("--weights", dest="verbose_weights", action="store_true", help="show where weights come from")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_backbones)
 

@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 METRIC = "score"  # the key every report carries: the task's metric on the validation split
 EXPERIMENT = "tune"  # experiment name under the study's state folder (and, before, results/<task>/<study>/ray/)
 # environment passed on to the trials (weights and caches are looked up on the worker)
-FORWARDED_ENV = ("AUTOFT_HOME", "AUTOFT_OFFLINE", "AUTOFT_CACHE_DIR", "AUTOFT_CACHE_MAX_GB", "TORCH_HOME", "HF_HOME",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+FORWARDED_ENV = ("AUTOFT_HOME", "AUTOFT_OFFLINE", "AUTOFT_CACHE_DIR", "AUTOFT_CACHE_MAX_GB", "AUTOFT_ZOO", "TORCH_HOME",
+                 "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # folders among them: made absolute here, since a Ray worker runs in a working directory of its own
 PATH_ENV = ("AUTOFT_HOME", "AUTOFT_CACHE_DIR", "TORCH_HOME", "HF_HOME")
 
@@ -262,6 +262,8 @@ def token_auth_warning(address: str) -> str | None:
 def forwarded_env() -> dict[str, str]:
     """The environment the trials need, with folders made absolute (relative to this process's cwd)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if "AUTOFT_ZOO" not in env and Path("zoo.yaml").is_file():  # workers run elsewhere: point them at our zoo file
+        env["AUTOFT_ZOO"] = "zoo.yaml"
     for k in PATH_ENV:
         if env.get(k) and env[k].strip().lower() not in ("off", "none", "0", "false", "no"):
             env[k] = str(Path(env[k]).expanduser().resolve())
