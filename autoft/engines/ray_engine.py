@@ -61,7 +61,7 @@ EXPERIMENT = "tune"  # experiment name under the study's state folder (and, befo
 FORWARDED_ENV = ("AUTOFT_HOME", "AUTOFT_OFFLINE", "AUTOFT_CACHE_DIR", "AUTOFT_CACHE_MAX_GB", "AUTOFT_ZOO", "TORCH_HOME",
                  "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # folders among them: made absolute here, since a Ray worker runs in a working directory of its own
-PATH_ENV = ("AUTOFT_HOME", "AUTOFT_CACHE_DIR", "TORCH_HOME", "HF_HOME")
+PATH_ENV = ("AUTOFT_HOME", "AUTOFT_CACHE_DIR", "AUTOFT_ZOO", "TORCH_HOME", "HF_HOME")
 
 # the sampler's grouped/multivariate TPE is marked experimental; we rely on it knowingly (as the Optuna engine)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
