@@ -156,7 +156,8 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
            cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
            device: str | None = None, rank: bool = True, final_check: bool = True,
            export: str | Path | None = None, track: str | None = None,
-           callbacks: list[Callback] | tuple[Callback, ...] = (), task_data=None) -> SearchResult:
+           callbacks: list[Callback] | tuple[Callback, ...] = (), task_data=None,
+           started: float | None = None) -> SearchResult:
     """Run (or resume) a search on ``task`` (a name, a task file, or a :class:`~autoft.task.Task`).
 
     Mirrors ``autoft search``: ``overrides`` is ``--set`` (``{"lr": 1e-3}``), ``rank=False`` is
@@ -171,11 +172,13 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     the winner's final check is reserved from its own trial time, and skipped with a message
     (``final_check_skipped``) when it cannot fit. ``timeout_mode="trials"`` keeps the old meaning: no
     new trial starts after ``timeout`` seconds; a running trial and the final check run to their end.
+    ``started``: the :func:`time.monotonic` at which the budget starts counting (the CLI passes the
+    start of the command, so that its imports count too); default: this call.
 
     Raises :class:`NoTrialCompleted` when trials ran and every one failed; an interrupted search
     (Ctrl-C) returns with ``interrupted=True`` and what had finished.
     """
-    t0 = time.monotonic()  # the time budget counts from here, imports (torch, optuna) included
+    t0 = time.monotonic() if started is None else started  # the time budget counts from here (imports included)
     from autoft.core import FeatureCache, fine_tune_and_score
     from autoft.core.device import resolve_device
     from autoft.engines import get_engine

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 EXIT_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -98,7 +99,8 @@ def cmd_search(args) -> int:
                    extend=args.extend,
                    backend=args.backend, address=args.address, cpus_per_trial=args.cpus_per_trial,
                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, rank=not args.no_rank,
-                   final_check=not args.no_final_check, export=args.export, track=args.track, callbacks=[view])
+                   final_check=not args.no_final_check, export=args.export, track=args.track, callbacks=[view],
+                   started=getattr(args, "started", None))  # the time budget counts the whole command
     except NoTrialCompleted as exc:
         view.close()
         console.print(time_summary(exc.result), soft_wrap=True)
@@ -306,8 +308,10 @@ def _register_optional() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # a search's time budget counts from here
     _register_optional()
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("autoft").setLevel(logging.INFO if args.verbose else logging.WARNING)
