@@ -263,7 +263,7 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
                             best_value=None if bt is None else bt.value, best_config=result.best_config,
                             counts=counts, test_metrics=test_metrics, results_dir=req.study_dir,
                             files=tuple(rep.files), ranking=tuple(study.user_attrs.get(ATTR_RANKING) or ()),
-                            export_dir=export_dir, interrupted=interrupted))
+                            export_dir=export_dir, interrupted=interrupted, timings=dict(result.timings)))
     if bt is None and not interrupted and not result.budget_taken and counts.get("fail", 0):
         common = most_common_failure(trials)
         reason = f"; most common failure ({common[1]}x): {common[0]}" if common else ""

@@ -92,6 +92,7 @@ class SearchProgress:
             note = {"sampler": "", "first trial": " (first trial: a first_trials recipe of the search space)"}.get(
                 origin, f" ({origin})")
             why = f" ({e.fail_reason.splitlines()[0][:200]})" if e.state == "fail" and e.fail_reason else ""
+            why += f" (stopped by the {e.stopped_by})" if e.stopped_by else ""
             self.console.print(f"trial {e.number if e.number is not None else e.key} {e.state}{note}{why}: "
                                f"{self.metric} {val} after {e.epochs} epoch{'s' if e.epochs != 1 else ''} "
                                f"({e.config.get('backbone', '?')}, unfreeze {e.config.get('unfreeze', '?')} stages) · "

@@ -80,6 +80,7 @@ class TrialEnded:
     fail_reason: str = ""
     number: int | None = None  # the trial's number in the study, when already known
     origin: str = "sampler"  # sampler | first trial | retry of #N
+    stopped_by: str = ""  # "time budget" when the deadline stopped it (state pruned)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class SearchEnded:
     ranking: tuple[dict, ...] = ()  # the backbone ranking made before the search (LogME), if any
     export_dir: Path | None = None
     interrupted: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: preparing, ranking, trials, final check, ...
 
 
 class Callback:

@@ -185,7 +185,7 @@ def _origin(trial: optuna.Trial) -> str:
 
 def trial_ended(t) -> TrialEnded:
     """The ``trial_end`` event of a finished trial of the study (under either engine)."""
-    from autoft.study.record import ATTR_EPOCHS, ATTR_METRICS, ATTR_SECONDS
+    from autoft.study.record import ATTR_EPOCHS, ATTR_METRICS, ATTR_SECONDS, ATTR_STOPPED_BY
 
     metrics = t.user_attrs.get(ATTR_METRICS)
     seconds = t.user_attrs.get(ATTR_SECONDS)
@@ -194,7 +194,7 @@ def trial_ended(t) -> TrialEnded:
                       epochs=int(t.user_attrs.get(ATTR_EPOCHS, len(t.intermediate_values)) or 0),
                       seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
                       fail_reason=str(t.user_attrs.get(ATTR_FAIL, "")) if t.state == TrialState.FAIL else "",
-                      number=t.number, origin=trial_origin(t))
+                      number=t.number, origin=trial_origin(t), stopped_by=str(t.user_attrs.get(ATTR_STOPPED_BY, "")))
 
 
 class _Deadline:
