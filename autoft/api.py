@@ -157,7 +157,7 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
            device: str | None = None, rank: bool = True, final_check: bool = True,
            export: str | Path | None = None, track: str | None = None,
            callbacks: list[Callback] | tuple[Callback, ...] = (), task_data=None,
-           started: float | None = None) -> SearchResult:
+           started: float | None = None, evaluate: bool = True) -> SearchResult:
     """Run (or resume) a search on ``task`` (a name, a task file, or a :class:`~autoft.task.Task`).
 
     Mirrors ``autoft search``: ``overrides`` is ``--set`` (``{"lr": 1e-3}``), ``rank=False`` is
@@ -230,7 +230,7 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)
     bt = best_trial(study)
-    test_metrics, export_dir = None, None
+    test_metrics, export_dir, winner = None, None, None  # winner: the refit (FineTuneResult or ExportResult)
     cfg = trial_config(bt, "the final check is skipped") if bt is not None and not interrupted else None
     skipped = None
     if cfg is not None and (export is not None or (final_check and len(task_data.splits.test))):
@@ -244,13 +244,24 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
 
                 log.info("exporting trial #%d (its refit is the final check on the test split)", bt.number)
                 ex = export_trial(task, export, study=study, trial=bt.number, task_data=task_data, cache=cache)
-                test_metrics, export_dir = ex.test_metrics or None, ex.folder
+                test_metrics, export_dir, winner = ex.test_metrics or None, ex.folder, ex
             elif final_check and len(task_data.splits.test):
                 log.info("final check: refitting trial #%d and scoring it once on the test split", bt.number)
-                test_metrics = fine_tune_and_score(cfg, task_data, cache=cache, test=True).test_metrics
+                winner = fine_tune_and_score(cfg, task_data, cache=cache, test=True, return_model=True)
+                test_metrics = winner.test_metrics
+        if winner is not None and evaluate:
+            with clock.phase("evaluation"):
+                _evaluate_winner(winner, task, task_data, req.study_dir, cache, bt.number)
     with clock.phase("report"):
         rep = write_report(study, task, req.study_dir, test_metrics=test_metrics, space_file=req.space.file,
                            root=req.results_dir)
+        if evaluate and winner is not None:
+            try:
+                from autoft.evaluation.report_html import write_study_report
+
+                rep.files.append(write_study_report(req.study_dir, task=task))
+            except Exception as exc:  # the report must never cost the user the search
+                log.warning("report.html was not written: %s", exc)
     budget_taken = (bt is None and not interrupted and ran.n == 0 and counts.get("fail", 0) == 0
                     and (counts.get("running", 0) > 0 or any(t.user_attrs.get(ATTR_SURPLUS) for t in trials)))
     result = SearchResult(study=study, task=task, results_dir=req.study_dir, storage=req.shown_storage,
@@ -270,3 +281,17 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
         raise NoTrialCompleted(f"every trial of study '{req.study_name}' failed{reason} (results: {req.study_dir})",
                                result)
     return result
+
+
+def _evaluate_winner(winner, task, task_data, study_dir: Path, cache, trial: int) -> None:
+    """The refit winner's evaluation in ``results/<task>/<study>/evaluation/`` (per class, calibration,
+    fairness by the task file's group attribute, explanations); a failure is logged, never raised."""
+    try:
+        from autoft.evaluation import evaluate_winner
+        from autoft.evaluation.sources import task_groups
+
+        groups, name = task_groups(task, task_data.data)  # the task file's fairness section, if any
+        evaluate_winner(winner, task_data, study_dir / "evaluation", cache=cache, groups=groups,
+                        group_name=name or "group", context={"study": study_dir.name, "trial": trial})
+    except Exception as exc:
+        log.warning("the winner's evaluation was not written: %s", exc)

@@ -100,7 +100,8 @@ def cmd_search(args) -> int:
                    backend=args.backend, address=args.address, cpus_per_trial=args.cpus_per_trial,
                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, rank=not args.no_rank,
                    final_check=not args.no_final_check, export=args.export, track=args.track, callbacks=[view],
-                   started=getattr(args, "started", None))  # the time budget counts the whole command
+                   started=getattr(args, "started", None),  # the time budget counts the whole command
+                   evaluate=not args.no_evaluate)
     except NoTrialCompleted as exc:
         view.close()
         console.print(time_summary(exc.result), soft_wrap=True)
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", choices=["hyperband", "median", "successive_halving", "none"])
     s.add_argument("--extend", action="store_true", help="add --n-trials more trials to a finished study")
     s.add_argument("--no-final-check", action="store_true", help="skip scoring the winner on the test split")
+    s.add_argument("--no-evaluate", action="store_true",
+                   help="do not write the winner's evaluation (evaluation/) and report.html after the final check")
     s.add_argument("--no-rank", action="store_true",
                    help="do not rank the backbones (LogME) nor start with the search space's first_trials")
     s.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
@@ -296,7 +299,7 @@ _EXTRA_COMMANDS: list = []  # other modules (export, worker, rank) register thei
 def _register_optional() -> None:
     import importlib
 
-    for mod in ("autoft.export.cli", "autoft.engines.worker_cli", "autoft.rank_cli"):
+    for mod in ("autoft.export.cli", "autoft.engines.worker_cli", "autoft.rank_cli", "autoft.evaluation.cli"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as exc:

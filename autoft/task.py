@@ -61,6 +61,22 @@ class SplitSpec(_Model):
     val_per_class: int | None = Field(None, ge=1)
 
 
+class FairnessSpec(_Model):
+    """The group attribute the evaluation reports fairness across (one of the three)."""
+
+    group_column: str | None = Field(None, description="csv: a column of data.path holding each example's group")
+    groups_file: str | None = Field(None, description=(
+        "a CSV with a 'group' column and 'path' (image files, relative to data.path), 'text' or 'index'; "
+        "relative to this task file"))
+    length_bands: list[int] | None = Field(None, description="text: groups by length in characters, e.g. [60]")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if sum(bool(v) for v in (self.group_column, self.groups_file, self.length_bands)) != 1:
+            raise ValueError("fairness needs exactly one of group_column, groups_file, length_bands")
+        return self
+
+
 class BudgetSpec(_Model):
     n_trials: int = Field(30, ge=1)
     timeout: float | None = Field(None, gt=0, description="seconds (see timeout_mode)")
@@ -85,6 +101,7 @@ class Task(_Model):
     seed: int = 0
     device: str = "cpu"
     description: str = ""
+    fairness: FairnessSpec | None = None  # the group attribute of the evaluation's fairness section
     track: str | None = Field(None, description="MLflow tracking URI: every search of this task is recorded there")
 
     # where the file was read from (not a field of the file)

@@ -216,7 +216,8 @@ def test_text_pt2_has_a_dynamic_batch_and_sequence_length(sms_export):
 
 def test_predict_accuracy_equals_refit_test_accuracy_sms(sms_export, tmp_path, capsys):
     _, td, _, res, _ = sms_export
-    reported = res.test_metrics["accuracy"]
+    # predict applies the export's calibration (temperature, spam threshold): compare with that decision's accuracy
+    reported = ((res.calibration or {}).get("test") or res.test_metrics)["accuracy"]
     for backend in ("pt2", "torchscript"):
         assert _runtime_accuracy(res.folder, td, backend) == pytest.approx(reported, abs=1e-6)
     inputs, labels = _test_inputs(td)

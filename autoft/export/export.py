@@ -118,6 +118,7 @@ class ExportResult:
     # model.json's model part: files, formats (in backend 'auto' order), export_errors, fallbacks, onnx_exporter,
     # export_seconds per format, ...
     info: dict = field(default_factory=dict, repr=False)
+    calibration: dict | None = None  # calibration.json: temperature (+ binary threshold) fitted on validation
 
 
 def open_study(task: Task, study_name: str = "default", results_dir: str | Path = "results",
@@ -186,7 +187,7 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
                  trial: int | None = None, train_val: bool = False, results_dir: str | Path = "results",
                  storage: str | None = None, formats: tuple[str, ...] = FORMATS,
                  task_data: TaskData | None = None, cache: FeatureCache | None = None,
-                 overwrite: bool = True) -> ExportResult:
+                 overwrite: bool = True, calibrate: bool = True) -> ExportResult:
     """Refit a trial (the best by default) and write a self-contained folder to ``out``.
 
     ``formats``: some of :data:`FORMATS` (``"pt2"``, ``"onnx"``, ``"torchscript"``; all by default).  When
@@ -197,6 +198,8 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
     export in ``out`` is replaced when ``overwrite``: a folder whose ``manifest.json`` (format
     'autoft-export') lists exactly the files it holds.  Any other non-empty folder is never touched,
     and only files the previous export listed are ever deleted.
+    ``calibrate`` writes ``calibration.json``: a temperature fitted on the validation split and, for a binary
+    task, the decision threshold tuned there for the task's metric (not when the refit trained on validation).
     """
     t0 = time.perf_counter()
     bad = [f for f in formats if f not in FORMATS]
@@ -218,6 +221,7 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
     if not len(td.splits.test):
         log.warning("task '%s' has no test split: the export records no test metrics", task.name)
     model = res.model.cpu().eval()
+    calibration = fit_export_calibration(model, td, cache, trained_on) if calibrate else None
     backbone = model.backbone
     pre = backbone.preprocessing
     refit_val = None if train_val else res.metrics
@@ -230,6 +234,8 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
     try:
         tmp.chmod(0o777 & ~_umask())
         info, verification = _write_models(model, pre, td, tmp, formats)
+        if calibration is not None:
+            calibration.save(tmp)  # calibration.json: listed in the manifest and hash-checked like every file
         card = _write_metadata(tmp, task, td, study_obj, ft, cfg, res, trained_on, refit_val, backbone, info,
                                verification)
         hashes: dict = {}
@@ -248,7 +254,31 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
                         validation_score=ft.value, validation_metrics=dict(ft.user_attrs.get(ATTR_METRICS) or {}),
                         test_metrics=res.test_metrics or {}, refit_validation_metrics=refit_val,
                         trained_on=trained_on, verification=verification, files=files,
-                        seconds=time.perf_counter() - t0, model=model, info=info)
+                        seconds=time.perf_counter() - t0, model=model, info=info,
+                        calibration=None if calibration is None else calibration.to_dict())
+
+
+def fit_export_calibration(model: nn.Module, td: TaskData, cache: FeatureCache | None, trained_on):
+    """Temperature (and, for a binary task, the threshold for its metric) fitted on the validation split;
+    None when the refit trained on validation (it would be fitted on training data) or there is none."""
+    if "val" in trained_on or not len(td.splits.val):
+        return None
+    from autoft.evaluation.calibration import fit_calibration
+    from autoft.evaluation.evaluate import split_logits
+
+    from autoft.evaluation.metrics import all_metrics
+
+    names = ("val", "test") if len(td.splits.test) else ("val",)
+    logits = split_logits(model, td, names, cache)
+    y = torch.from_numpy(td.data.labels[np.sort(td.splits.val)])
+    cal = fit_calibration(logits["val"], y, td.data.class_names, td.metric, td.positive_index)
+    if "test" in logits:  # what predict's decision (temperature, threshold) scores on the test split
+        yt = torch.from_numpy(td.data.labels[np.sort(td.splits.test)])
+        cal.test = all_metrics(cal.probabilities(logits["test"]), yt, td.data.num_classes, cal.positive_index,
+                               cal.threshold)
+    log.info("calibration: temperature %.3f%s", cal.temperature,
+             f", threshold {cal.threshold:.4f} on P({cal.positive_class})" if cal.threshold is not None else "")
+    return cal
 
 
 def _umask() -> int:

@@ -65,6 +65,7 @@ MODEL_FORMATS = ("pt2", "onnx", "torchscript")
 LEGACY_FORMATS = ("torchscript",)
 BACKENDS = ("auto", *MODEL_FORMATS)
 # written by every export (autoft.export.export); model.json names the model files, preprocessing.json the tokenizer
+CALIBRATION = "calibration.json"  # optional: temperature and binary decision threshold (autoft.evaluation)
 REQUIRED_FILES = ("config.yaml", "classes.json", "preprocessing.json", "metrics.json", MODEL_INFO, "README.md")
 # 50 million pixels: a 48 MP photo (8000x6000) still reads; decoded it is 150 MB of uint8 RGB and about
 # 600 MB as the float32 tensor preprocessing makes of it before resizing to the model's input (32-224 px).
@@ -751,10 +752,17 @@ class Predictions:
     probabilities: np.ndarray  # (N, num_classes)
     inputs: list[str] = field(default_factory=list)  # a name per input (file path, array[i], text)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) for unreadable files in folders
+    threshold: float | None = None  # binary, from calibration.json: positive from this probability on
+    positive_index: int | None = None
 
     @property
     def indices(self) -> np.ndarray:
-        return self.probabilities.argmax(1) if len(self.probabilities) else np.zeros(0, dtype=np.int64)
+        if not len(self.probabilities):
+            return np.zeros(0, dtype=np.int64)
+        if self.threshold is not None and self.positive_index is not None and self.probabilities.shape[1] == 2:
+            pos = self.positive_index
+            return np.where(self.probabilities[:, pos] >= self.threshold, pos, 1 - pos)
+        return self.probabilities.argmax(1)
 
     @property
     def labels(self) -> list[str]:
@@ -802,6 +810,9 @@ class ExportedModel:
         self.classes: list[str] = list(self._json("classes.json"))
         self.preprocessing: dict = self._json("preprocessing.json")
         self.modality: str = self.preprocessing["modality"]
+        self.temperature, self.threshold, self.positive_index = 1.0, None, None
+        if CALIBRATION in self.manifest["files"]:  # listed = hash-checked above; an unlisted one is not used
+            self._calibration(self._json(CALIBRATION))
         files = self.info.get("files")
         if not isinstance(files, dict):
             raise ExportError(f"exported model {self.folder}: {MODEL_INFO} has no 'files' map; the folder was altered")
@@ -951,8 +962,25 @@ class ExportedModel:
             out[idx] = self._run(self.encode([items[j] for j in idx]))
         return out
 
+    def _calibration(self, doc) -> None:
+        """Temperature and threshold of ``calibration.json``, checked."""
+        where = f"exported model {self.folder}: {CALIBRATION}"
+        t = doc.get("temperature", 1.0) if isinstance(doc, dict) else None
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (np.isfinite(t) and t > 0):
+            raise ExportError(f"{where} has temperature {t!r}; expected a number above 0")
+        self.temperature = float(t)
+        th = doc.get("threshold")
+        if th is not None:
+            pos = doc.get("positive_class")
+            if not isinstance(th, (int, float)) or isinstance(th, bool) or not 0 <= th <= 1 \
+                    or len(self.classes) != 2 or pos not in self.classes:
+                raise ExportError(f"{where}: threshold {th!r} for positive class {pos!r} needs a probability in "
+                                  f"[0, 1] and a binary model whose classes include it (classes {self.classes})")
+            self.threshold, self.positive_index = float(th), self.classes.index(pos)
+
     def predict_proba(self, inputs, batch_size: int | None = None) -> np.ndarray:
-        return softmax(self.logits(inputs, batch_size))
+        """Probabilities: softmax of the logits divided by the export's temperature (1 without calibration)."""
+        return softmax(self.logits(inputs, batch_size) / self.temperature)
 
     def predict(self, inputs, batch_size: int | None = None) -> Predictions:
         """Classes and probabilities of ``inputs`` (see :meth:`expand_inputs` for what is accepted)."""
@@ -965,7 +993,8 @@ class ExportedModel:
     def predict_items(self, items: list, names: list[str] | None = None, batch_size: int | None = None) -> Predictions:
         """Like :meth:`predict`, for already-read items (uint8 HxWxC arrays or strings)."""
         names = names if names is not None else [f"input[{i}]" for i in range(len(items))]
-        return Predictions(self.classes, softmax(self._logits(items, batch_size)), names)
+        return Predictions(self.classes, softmax(self._logits(items, batch_size) / self.temperature), names,
+                           threshold=self.threshold, positive_index=self.positive_index)
 
 
 def _is_pil(x) -> bool:
