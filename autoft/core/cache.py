@@ -29,7 +29,7 @@ import torch
 from autoft.data.datasets import LabelledData
 from autoft.data.encode import encode
 from autoft.zoo import get_backbone
-from autoft.zoo.base import Backbone, Preprocessing, State, cat_states, index_state, state_to, text_mask
+from autoft.zoo.base import Backbone, Preprocessing, State, cat_states, index_state, text_mask
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,14 @@ class FeatureCache:
 
 @torch.no_grad()
 def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", batch_size: int = 64) -> State:
+    """Stages [0, split) of ``backbone`` on ``device`` (the backbone is moved there and left there: the
+    trial that asked trains it there next), in float32 with autocast off whatever the trial's precision,
+    so the entry is exact and the same for every precision; outputs are kept on the CPU."""
+    from autoft.core.gpu import to_device
+    from autoft.core.precision import no_autocast
+
+    device = torch.device(device)
+    backbone.to(device)
     was_training = backbone.training
     backbone.eval()
     n = len(state[0]) if isinstance(state, tuple) else len(state)
@@ -389,10 +397,12 @@ def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", b
     parts = []
     for i in range(0, n, batch_size):
         xb = index_state(state, slice(i, i + batch_size) if order is None else order[i:i + batch_size])
-        xb = state_to(trim_text(xb), device)
-        out = backbone.forward_stages(xb, 0, split)
+        xb = to_device(trim_text(xb), device)
+        with no_autocast(device):
+            out = backbone.forward_stages(xb, 0, split)
         if split == backbone.num_stages:
-            out = backbone.pool(out)
+            with no_autocast(device):
+                out = backbone.pool(out)
         elif isinstance(out, tuple) and isinstance(state, tuple):
             # keep the full padded width so that examples can be batched together later
             width = state[1].shape[1]
@@ -405,6 +415,6 @@ def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", b
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
     if t.dim() >= 2 and t.shape[1] < width:
-        pad = torch.zeros((t.shape[0], width - t.shape[1], *t.shape[2:]), dtype=t.dtype)
+        pad = torch.zeros((t.shape[0], width - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
         return torch.cat([t, pad], 1)
     return t

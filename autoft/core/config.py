@@ -29,6 +29,9 @@ class TrialConfig(BaseModel):
     warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming up linearly")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that computes it natively, else fp32 (the CPU); "
+        "bf16/fp16: mixed precision of the trainable part (fp16 with a gradient scaler), autoft.core.precision")
 
     @property
     def head_lr(self) -> float:

@@ -47,7 +47,14 @@ class Classifier(nn.Module):
         if start > bb.num_stages:
             return self.head(state)
         if start < bb.split:
-            with torch.no_grad():
+            from autoft.core.precision import no_autocast
+
+            # frozen stages in float32 under any autocast: the same numbers as the cached prefix
+            with torch.no_grad(), no_autocast(_state_device(state)):
                 state = bb.forward_stages(state, start, bb.split)
             start = bb.split
         return self.head(bb.pool(bb.forward_stages(state, start)))
+
+
+def _state_device(state: State) -> torch.device:
+    return (state[0] if isinstance(state, tuple) else state).device

@@ -18,15 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from autoft.core import gpu as _gpu
 from autoft.core.cache import FeatureCache, trim_text
 from autoft.core.config import TrialConfig
 from autoft.core.metrics import MINIMIZE, compute_metrics
 from autoft.core.model import Classifier, build_head
+from autoft.core.precision import autocast, channels_last, configure_backends, grad_scaler, resolve_precision
 from autoft.core.reporter import NullReporter, Reporter
 from autoft.data.datasets import LabelledData
 from autoft.data.splits import Splits
 from autoft.errors import ConfigError, TrialFailed
-from autoft.zoo.base import State, cat_states, index_state, state_to, text_mask
+from autoft.zoo.base import State, cat_states, index_state, text_mask
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +149,18 @@ def _indices(splits: Splits, names: tuple[str, ...] | str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: Classifier, feats, idx: torch.Tensor, start: int, device, batch: int = 512) -> torch.Tensor:
+def predict_logits(model: Classifier, feats, idx: torch.Tensor, start: int, device, batch: int = 512,
+                   precision: str = "fp32", nhwc: bool = False) -> torch.Tensor:
     model.eval()
     out = []
     for i in range(0, len(idx), batch):
-        xb = state_to(trim_text(index_state(feats, idx[i:i + batch])), device)
-        out.append(model.forward_from(xb, start).float().cpu())
+        xb = _gpu.to_device(trim_text(index_state(feats, idx[i:i + batch])), torch.device(device), nhwc)
+        with autocast(device, precision):
+            out.append(model.forward_from(xb, start).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
+@_gpu.oom_guard
 def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Reporter | None = None, *,
                         cache: FeatureCache | None = None, use_cache: bool = True,
                         train_on: tuple[str, ...] = ("train",), evaluate_on: str = "val",
@@ -170,6 +175,8 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
     reporter = reporter or NullReporter()
     cache = cache or FeatureCache()
     device = resolve_device(task.device)
+    precision = resolve_precision(cfg.precision, device)  # autoft.core.precision: fp32 on the CPU unless asked
+    configure_backends(device)
 
     backbone = cache.backbone(cfg.backbone)
     if cfg.unfreeze > backbone.num_stages:
@@ -205,6 +212,10 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
     torch.manual_seed(cfg.seed)
     head = build_head(backbone.feature_dim, task.data.num_classes, cfg)
     model = Classifier(backbone, head).to(device)
+    nhwc = channels_last(backbone, device)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    scaler = grad_scaler(device, precision)  # fp16 only; disabled it passes backward and step through
     backbone_params = backbone.trainable_parameters()
     groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
     if backbone_params:
@@ -231,23 +242,28 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
             perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
             loss_sum = 0.0
             for step, b in enumerate(epoch_batches(perm, cfg.batch_size, lengths, gen)):
-                xb = state_to(trim_text(index_state(feats, b if pos is None else pos[b])), device)
-                yb = labels[b].to(device)
+                xb = _gpu.to_device(trim_text(index_state(feats, b if pos is None else pos[b])), device, nhwc)
+                yb = _gpu.to_device(labels[b], device)
                 try:
-                    logits = model.forward_from(xb, start)
-                    loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                    with autocast(device, precision):
+                        logits = model.forward_from(xb, start)
+                        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
                     if not torch.isfinite(loss):
                         raise TrialFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
                                           f"(lr={cfg.lr:g}, head lr={cfg.head_lr:g}); the run was stopped. "
                                           "A lower learning rate usually avoids this.")
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                except torch.OutOfMemoryError:
-                    raise TrialFailed(f"out of memory at batch size {cfg.batch_size} on {device}") from None
-                opt.step()
+                    scaler.scale(loss).backward()
+                except torch.OutOfMemoryError as exc:  # the trial fails with its reason; see autoft.core.gpu.oom_guard
+                    raise _gpu.oom_failure(exc, cfg.batch_size, device, f"at epoch {epoch}, step {step + 1}") from exc
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
+                if epoch == 1 and step + 1 == _gpu.PROBE_STEPS and hasattr(reporter, "on_first_steps"):
+                    reporter.on_first_steps()  # peak memory of the first steps (GPU packing)
                 loss_sum += loss.detach().item() * len(b)
-            logits = predict_logits(model, feats, eval_idx if pos is None else pos[eval_idx], start, device)
+            logits = predict_logits(model, feats, eval_idx if pos is None else pos[eval_idx], start, device,
+                                    precision=precision, nhwc=nhwc)
             metrics = compute_metrics(logits, labels[eval_idx], task.data.num_classes, task.positive_index)
             score = metrics[task.metric]
             if not math.isfinite(score):
@@ -263,9 +279,12 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
                             metrics=metrics, history=history, epochs_run=len(history),
                             stopped_early=stopped)
     if test:
-        logits = predict_logits(model, feats, test_idx if pos is None else pos[test_idx], start, device)
+        logits = predict_logits(model, feats, test_idx if pos is None else pos[test_idx], start, device,
+                                precision=precision, nhwc=nhwc)
         result.test_metrics = compute_metrics(logits, labels[test_idx], task.data.num_classes, task.positive_index)
     if return_model:
         result.model = model.cpu().eval()
+        if nhwc:
+            result.model = result.model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - t0
     return result
