@@ -390,3 +390,60 @@ def oom_guard(fn):
         raise failure
 
     return trial
+
+
+# -- what the Optuna engine uses --------------------------------------------------------------------
+def estimate_for(cfg, cache, data, precision: str = "fp32") -> int:
+    """:func:`estimate_trial_bytes` of a trial configuration: parameter counts of its backbone, the
+    activation sizes of its unfrozen stages for one example of ``data`` (run once on the CPU)."""
+    bb = cache.backbone(cfg.backbone).set_unfreeze(cfg.unfreeze)
+    encoded, _ = cache.encoded(data, bb.preprocessing)
+    example = tuple(t[:1] for t in encoded) if isinstance(encoded, tuple) else encoded[:1]
+    try:
+        per_stage = activation_bytes(bb.eval(), example)
+    except Exception:  # noqa: BLE001 - an estimate only: fall back to the input's size per stage
+        per_stage = [sum(t[0].nelement() * 4 for t in (example if isinstance(example, tuple) else (example,)))] \
+            * bb.num_stages
+    act = 2 * sum(per_stage[bb.split:])  # outputs and the inputs backward keeps
+    inp = sum(t.element_size() * t.nelement() for t in (example if isinstance(example, tuple) else (example,)))
+    return estimate_trial_bytes(params=sum(p.numel() for p in bb.parameters()),
+                                trainable=sum(p.numel() for p in bb.trainable_parameters()),
+                                batch_size=cfg.batch_size, activation_per_example=act, precision=precision,
+                                optimizer=cfg.optimizer, input_per_example=inp)
+
+
+class PackedTrials:
+    """Trials of one process sharing a CUDA GPU (the Optuna engine with ``n_jobs > 1``): each waits for
+    admission (:class:`GpuAdmission`), a trial that probes has its first steps' peak measured and
+    remembered, and the reservation ends with the trial."""
+
+    def __init__(self, admission: GpuAdmission, device: torch.device | str):
+        self.admission = admission
+        self.device = torch.device(device)
+        self._estimates: dict[tuple, int] = {}
+        self._lock = threading.Lock()
+
+    def estimate(self, cfg, cache, data) -> int:
+        from autoft.core.precision import resolve_precision
+
+        key = trial_memory_key(cfg)
+        with self._lock:
+            if key not in self._estimates:
+                self._estimates[key] = estimate_for(cfg, cache, data, resolve_precision(cfg.precision, self.device))
+            return self._estimates[key]
+
+    @contextmanager
+    def run(self, cfg, cache, data, reporter=None):
+        key = trial_memory_key(cfg)
+        need = self.admission.need(key, self.estimate(cfg, cache, data))
+        ticket = self.admission.acquire(key, need)
+        probe = self.admission.running.get(ticket)
+        peak = PeakMemory(self.device).start() if probe is not None and probe.probing else None
+        if reporter is not None:
+            reporter.on_first_steps = lambda: self.admission.measured(ticket, peak.read() if peak else 0)
+        try:
+            yield ticket
+        finally:
+            if peak is not None:
+                self.admission.measured(ticket, peak.read())
+            self.admission.release(ticket)

@@ -28,6 +28,7 @@ from autoft.study.optuna_internals import bracket_study, live_system_attrs
 from autoft.study.record import (ATTR_CONFIG, ATTR_FAIL, ATTR_INTERRUPTED, ATTR_RANKING, ATTR_RETRY_OF,  # noqa: F401
                                  ATTR_STOPPED_BY, ATTR_SURPLUS, ATTR_WORKER, config_of, failure_attrs, result_attrs,
                                  trial_origin)
+from autoft.study.record import ATTR_OOM_BATCH, ATTR_OOM_RETRY
 from autoft.study.storage import RetryStaleTrial, _retrying, open_storage, postgres_driver  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,48 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
         trial.set_user_attr(k, v)
 
 
+def oom_retry_enabled() -> bool:
+    """A trial that runs out of memory is run again once at half its batch size unless AUTOFT_OOM_RETRY=0."""
+    return os.environ.get("AUTOFT_OOM_RETRY", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def enqueue_oom_retry(trial: optuna.Trial, exc) -> int | None:
+    """Queue the trial's configuration again at half the batch size (``oom_retry``, ``oom_batch_size``);
+    None when it was itself such a retry or the batch cannot be halved."""
+    half = exc.retry_batch_size
+    if half is None or trial.user_attrs.get(ATTR_OOM_RETRY) is not None:
+        return None
+    params = dict(trial.params)
+    dist = trial.distributions.get("batch_size")
+    if dist is not None:
+        try:
+            if dist._contains(dist.to_internal_repr(half)):
+                params["batch_size"] = half  # the sampler then learns from the batch size that really ran
+        except Exception:  # noqa: BLE001 - the configuration's own batch size is forced below anyway
+            pass
+    trial.study.enqueue_trial(params, user_attrs={ATTR_OOM_RETRY: trial.number, ATTR_OOM_BATCH: half},
+                              skip_if_exists=False)
+    log.warning("trial %d ran out of memory at batch size %d; it runs again at batch size %d",
+                trial.number, exc.batch_size, half)
+    return half
+
+
+def gpu_packing(req: SearchRequest, task_data: TaskData):
+    """Memory-aware packing of ``n_jobs`` trials on one CUDA GPU (autoft.core.gpu), else None."""
+    import torch
+
+    dev = torch.device(task_data.device)
+    if req.n_jobs <= 1 or dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    from autoft.core.gpu import GpuAdmission, PackedTrials
+
+    return PackedTrials(GpuAdmission.for_device(dev, max_trials=req.n_jobs), dev)
+
+
 def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache, budget: int | None = None,
                    events: Events | None = None) -> Callable:
+    packing = gpu_packing(req, task_data)
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(ATTR_WORKER, worker_id())
         if budget is not None and not claims_budget(trial.study, trial.number, budget):
@@ -151,17 +192,24 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
             raise optuna.TrialPruned("budget already taken by other workers")
         try:
             cfg = req.space.sample(trial, req.fixed)
+            if trial.user_attrs.get(ATTR_OOM_BATCH):  # an out-of-memory retry runs at half the batch size
+                cfg = cfg.model_copy(update={"batch_size": int(trial.user_attrs[ATTR_OOM_BATCH])})
             trial.set_user_attr(ATTR_CONFIG, cfg.model_dump())
             if events:
                 events.emit(TrialStarted(str(trial.number), cfg.model_dump(), _origin(trial)))
             reporter = OptunaReporter(trial, events, req.time_budget)
-            result = fine_tune_and_score(cfg, task_data, reporter, cache=cache)
+            with packing.run(cfg, cache, task_data.data, reporter) if packing is not None else nullcontext():
+                result = fine_tune_and_score(cfg, task_data, reporter, cache=cache)
         except KeyboardInterrupt:
             _set_attrs(trial, {**failure_attrs("Interrupted: stopped by the user (Ctrl-C); retried on resume"),
                                ATTR_INTERRUPTED: True})
             raise
         except Exception as exc:
             _set_attrs(trial, failure_attrs(exc))
+            from autoft.core.gpu import TrialOutOfMemory
+
+            if isinstance(exc, TrialOutOfMemory) and oom_retry_enabled():
+                enqueue_oom_retry(trial, exc)
             raise
         _set_attrs(trial, result_attrs(result, task_data.metric))
         if reporter.pruned_at is not None and result.stopped_early:
@@ -278,11 +326,24 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
             return study
         deadline = [_Deadline(clock)]
     with clock.phase("trials") if clock is not None else nullcontext():
-        study.optimize(make_objective(req, task_data, cache, budget, events), n_trials=remaining,
+        objective = make_objective(req, task_data, cache, budget, events)
+        study.optimize(objective, n_trials=remaining,
                        timeout=req.trials_timeout, n_jobs=req.n_jobs, catch=(Exception,),
                        callbacks=[*stop, log_failures, *deadline, *ended, *(callbacks or [])],
                        gc_after_trial=False, show_progress_bar=False)
+        # an out-of-memory retry queued by the last trials runs now, not on the next resume
+        retries = waiting_oom_retries(study)
+        if retries and (clock is None or not clock.limited or clock.may_start_trial()):
+            study.optimize(objective, n_trials=retries, timeout=req.trials_timeout, n_jobs=min(req.n_jobs, retries),
+                           catch=(Exception,), callbacks=[log_failures, *deadline, *ended, *(callbacks or [])],
+                           gc_after_trial=False, show_progress_bar=False)
     return study
+
+
+def waiting_oom_retries(study: optuna.Study) -> int:
+    """Out-of-memory retries queued in the study and not started yet."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+               if t.user_attrs.get(ATTR_OOM_RETRY) is not None)
 
 
 class OptunaEngine:

@@ -15,8 +15,8 @@ import socket
 import optuna
 from optuna.trial import TrialState
 
-from autoft.study.record import (ATTR_FAIL, ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_SURPLUS, ATTR_WORKER,
-                                 heartbeat_retry_of)
+from autoft.study.record import (ATTR_FAIL, ATTR_INTERRUPTED, ATTR_OOM_RETRY, ATTR_RETRY_OF, ATTR_SURPLUS,
+                                 ATTR_WORKER, heartbeat_retry_of)
 from autoft.study.optuna_internals import cached_trials, storage_of, trial_id
 from autoft.study.storage import warn_malformed
 
@@ -34,11 +34,12 @@ def retried_numbers(trials) -> set[int]:
     for t in trials:
         if heartbeat_retry_of(t) is not None:  # Optuna's own retry (an Optuna-written integer)
             out.add(heartbeat_retry_of(t))
-        if ATTR_RETRY_OF in t.user_attrs:
-            number = _trial_number(t.user_attrs[ATTR_RETRY_OF])
+        for attr in (ATTR_RETRY_OF, ATTR_OOM_RETRY):  # an out-of-memory retry too: counted once
+            if attr not in t.user_attrs:
+                continue
+            number = _trial_number(t.user_attrs[attr])
             if number is None:
-                warn_malformed(t.number, ATTR_RETRY_OF, t.user_attrs[ATTR_RETRY_OF],
-                               "the trial it names is not known as retried")
+                warn_malformed(t.number, attr, t.user_attrs[attr], "the trial it names is not known as retried")
             else:
                 out.add(number)
     return out

@@ -16,6 +16,8 @@ Trial user attributes
 ``fail_reason``           ``ExceptionName: message`` of a failed trial
 ``first_trial``           True on a recipe of the space's ``first_trials``
 ``retry_of``              number of the interrupted trial this one runs again
+``oom_retry``             number of the trial that ran out of memory and this one runs again, once,
+                          at half its batch size (``oom_batch_size``; autoft.core.gpu)
 ``worker``                ``host:pid`` of the process running the trial (Optuna engine)
 ``interrupted``           the trial was cut short (Ctrl-C, dead worker) and is retried
 ``surplus``               started after other workers had taken the budget; never ran
@@ -43,6 +45,8 @@ ATTR_SECONDS = "seconds"
 ATTR_FAIL = "fail_reason"
 ATTR_FIRST_TRIAL = "first_trial"
 ATTR_RETRY_OF = "retry_of"
+ATTR_OOM_RETRY = "oom_retry"
+ATTR_OOM_BATCH = "oom_batch_size"
 ATTR_WORKER = "worker"
 ATTR_INTERRUPTED = "interrupted"
 ATTR_SURPLUS = "surplus"
@@ -60,6 +64,7 @@ RUN_BOOKKEEPING = (ATTR_WORKER, ATTR_FAIL, ATTR_INTERRUPTED)
 ORIGIN_SAMPLER = "sampler"
 ORIGIN_FIRST_TRIAL = "first trial"
 ORIGIN_RETRY = "retry of #{n}"
+ORIGIN_OOM_RETRY = "out-of-memory retry of #{n} (batch {b})"
 
 
 
@@ -86,6 +91,8 @@ def trial_origin(t: FrozenTrial) -> str:
     n = retry_of(t)
     if n is not None:
         return ORIGIN_RETRY.format(n=n)
+    if t.user_attrs.get(ATTR_OOM_RETRY) is not None:
+        return ORIGIN_OOM_RETRY.format(n=t.user_attrs[ATTR_OOM_RETRY], b=t.user_attrs.get(ATTR_OOM_BATCH, "?"))
     return ORIGIN_FIRST_TRIAL if t.user_attrs.get(ATTR_FIRST_TRIAL) else ORIGIN_SAMPLER
 
 
