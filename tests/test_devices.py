@@ -161,3 +161,25 @@ def test_forward_from_runs_frozen_stages_in_float32_under_autocast(feature_cache
         model.forward_from(x, 0)
     h.remove()
     assert seen == [torch.float32]
+
+
+# --- export and predict on the device ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exported_program_predicts_on_the_device_like_the_cpu_model(feature_cache, tmp_path, device):
+    from autoft.core.model import build_head
+    from autoft.export.export import DEVICE_ATOL, _export_pt2, dynamic_shapes, wrap
+    from autoft.export.runtime import _Pt2Backend
+
+    torch.manual_seed(0)
+    bb = feature_cache.backbone("resnet20").set_unfreeze(0)
+    model = Classifier(bb, build_head(bb.feature_dim, 10, TrialConfig(backbone="resnet20"))).eval()
+    net = wrap(model, "image")
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    path = tmp_path / "model.pt2"
+    _export_pt2(net, (x,), dynamic_shapes("image", bb.preprocessing), path)
+    out = _Pt2Backend(path, device)((x,))
+    tol = 1e-4 if device == "cpu" else DEVICE_ATOL
+    assert abs(out - ref).max() <= tol

@@ -67,6 +67,8 @@ PYTORCH_FALLBACK = ("pt2", "torchscript")  # the PyTorch format, in order, when 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 ONNX_OPSET: int | None = None  # dynamo exporter: torch's default (20 in torch 2.14); model.json records the opset
 LEGACY_ONNX_OPSET = 17  # the legacy TorchScript-based exporter (fallback)
+# float32 on a GPU against float32 on the CPU: cuDNN convolutions use TF32 by default (10-bit mantissa)
+DEVICE_ATOL = 2e-2
 ATOL = 1e-4  # exported outputs must match the PyTorch model's within this (absolute, on logits)
 VERIFY_EXAMPLES = 64
 
@@ -656,7 +658,16 @@ def _check_runtime(folder: Path, model: nn.Module, td: TaskData, modality: str) 
     if not diff <= ATOL:
         raise ExportError(f"autoft.export.runtime ({rt.backend}) gives logits that differ from the PyTorch model's "
                           f"by {diff:.3g} (> {ATOL}) on raw test inputs: its preprocessing does not match training")
-    return {f"runtime_{rt.backend}_max_abs_diff": diff}
+    checks = {f"runtime_{rt.backend}_max_abs_diff": diff}
+    dev = torch.device(td.device or "cpu")
+    if dev.type == "cuda" and rt.backend in ("pt2", "torchscript"):  # the search's GPU: predict runs there too
+        on_dev = load_exported(folder, rt.backend, verify=False, device=str(dev))
+        gdiff = float(np.abs(on_dev.logits(raw) - ref).max())
+        if not gdiff <= DEVICE_ATOL:
+            raise ExportError(f"autoft.export.runtime ({rt.backend}) on {dev} gives logits that differ from the "
+                              f"PyTorch model's on the CPU by {gdiff:.3g} (> {DEVICE_ATOL})")
+        checks[f"runtime_{rt.backend}_{dev.type}_max_abs_diff"] = gdiff
+    return checks
 
 
 # --------------------------------------------------------------------------------------------
