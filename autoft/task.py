@@ -33,8 +33,14 @@ class _Model(BaseModel):
 
 
 class DataSpec(_Model):
-    source: Literal["digits", "image_folder", "csv", "npz"]
+    source: Literal["digits", "image_folder", "image_table", "csv", "npz"] = Field(description=(
+        "digits; image_folder (one sub-folder per class); image_table (CSV/TSV/Parquet of image paths and "
+        "labels); csv (a text table: CSV/TSV/JSONL/Parquet by its suffix); npz"))
     path: str | None = None
+    test_path: str | None = Field(None, description=(
+        "a fixed test set in the same form as data.path (a folder or table): never split, never searched on; "
+        "data.path is then split into train and validation only"))
+    path_column: str = Field("path", description="image_table: the column of image paths")
     text_column: str = "text"
     label_column: str = "label"
     sep: str | None = None
@@ -45,11 +51,19 @@ class DataSpec(_Model):
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description=(
         "image_folder: images whose header declares more pixels are skipped, not decoded "
         "(decompression bombs)"))
+    num_workers: int | None = Field(None, ge=0, description=(
+        "DataLoader worker processes that decode and transform streamed images (default: the CPU cores but "
+        "one, AUTOFT_NUM_WORKERS)"))
+    memory_budget_mb: float | None = Field(None, gt=0, description=(
+        "images are encoded once into memory when that takes at most this many MB (and augment is none), "
+        "else streamed from their files per batch (default 1024, AUTOFT_MEMORY_BUDGET_MB)"))
 
     @model_validator(mode="after")
     def _path_needed(self):
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.source '{self.source}' needs data.path")
+        if self.test_path and self.source == "digits":
+            raise ValueError("data.test_path needs a data.source read from files")
         return self
 
 
@@ -127,7 +141,7 @@ class Task(_Model):
             self.direction = "minimize" if self.metric in MINIMIZE else "maximize"
         if self.data.source == "csv" and self.modality != "text":
             raise ValueError("data.source 'csv' holds texts: set modality: text")
-        if self.data.source in ("digits", "image_folder", "npz") and self.modality != "image":
+        if self.data.source in ("digits", "image_folder", "image_table", "npz") and self.modality != "image":
             raise ValueError(f"data.source '{self.data.source}' holds images: set modality: image")
         if self.split.val == 0 and self.split.train_per_class is None:
             raise ValueError("split.val must be above 0: the search scores trials on the validation split")
@@ -140,19 +154,24 @@ class Task(_Model):
     def data_path(self) -> Path | None:
         return Path(expand_vars(self.data.path, self._file, "data.path")) if self.data.path else None
 
+    def test_path(self) -> Path | None:
+        return Path(expand_vars(self.data.test_path, self._file, "data.test_path")) if self.data.test_path else None
+
     def search_space_path(self) -> Path:
         default = "text_minilm" if self.modality == "text" else "cifar_resnets"
         return find_search_space(self.search_space or default, self._file)
 
     # -- loading data -------------------------------------------------------------------------
-    def load_data(self):
+    def load_data(self, path: Path | None = None):
         from autoft import data as D
 
-        path, d = self.data_path(), self.data
+        path, d = path or self.data_path(), self.data
         if d.source == "digits":
             ld = D.load_digits_data()
         elif d.source == "image_folder":
             ld = D.load_image_folder(path, max_image_pixels=d.max_image_pixels)
+        elif d.source == "image_table":
+            ld = D.load_image_table(path, d.path_column, d.label_column, d.sep, max_image_pixels=d.max_image_pixels)
         elif d.source == "csv":
             ld = D.load_csv(path, d.text_column, d.label_column, d.sep, d.encoding)
         else:
@@ -166,9 +185,12 @@ class Task(_Model):
 
         ld = self.load_data()
         s = self.split
-        splits = stratified_split(ld.labels, val=s.val, test=s.test, seed=s.seed,
+        fixed = self.test_path()
+        splits = stratified_split(ld.labels, val=s.val, test=0.0 if fixed else s.test, seed=s.seed,
                                   train_per_class=s.train_per_class, val_per_class=s.val_per_class,
                                   source=str(self.data_path() or self.data.source), class_names=ld.class_names)
+        if fixed:
+            ld, splits = self._with_test_set(ld, splits, fixed)
         pos = None
         if ld.num_classes == 2:
             if self.positive_class is not None:
@@ -181,8 +203,30 @@ class Task(_Model):
         elif self.metric in BINARY_ONLY:
             raise ConfigError(f"metric '{self.metric}' is for binary tasks, but the data has "
                               f"{ld.num_classes} classes; use accuracy or f1_macro", file=self._file, field="metric")
+        budget = self.data.memory_budget_mb
         return TaskData(ld, splits, self.metric, pos, device or self.device, self.name,
-                        max_length=self.data.max_length if self.modality == "text" else None)
+                        max_length=self.data.max_length if self.modality == "text" else None,
+                        num_workers=self.data.num_workers,
+                        memory_budget=int(budget * (1 << 20)) if budget is not None else None)
+
+    def _with_test_set(self, ld, splits, path: Path):
+        """Append the fixed test set (data.test_path) to the data: its examples are the test split."""
+        import numpy as np
+
+        from autoft.data import LabelledData, Splits
+
+        test = self.load_data(path)
+        unknown = sorted(set(test.class_names) - set(ld.class_names))
+        if unknown:
+            raise ConfigError(f"the test set {path} has classes the training data lacks: {unknown[:5]}; "
+                              f"training classes are {ld.class_names}", file=self._file, field="data.test_path")
+        index = {c: i for i, c in enumerate(ld.class_names)}
+        labels = np.array([index[test.class_names[y]] for y in test.labels.tolist()], dtype=np.int64)
+        inputs = ld.inputs + test.inputs if not isinstance(ld.inputs, list) else list(ld.inputs) + list(test.inputs)
+        n = len(ld)
+        merged = LabelledData(inputs, np.concatenate([ld.labels, labels]), ld.class_names, ld.modality, ld.source,
+                              ld.notes + [f"test set {path}: {note}" for note in test.notes])
+        return merged, Splits(splits.train, splits.val, np.arange(n, n + len(test), dtype=np.int64))
 
 
 _VAR = re.compile(r"\$\$|\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")

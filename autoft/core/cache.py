@@ -296,6 +296,10 @@ class FeatureCache:
         self._encoded: dict[tuple, tuple[State, str]] = {}
         self._prefix: OrderedDict[str, State] = OrderedDict()
         self.hits = self.misses = self.disk_hits = 0
+        self._arrays: dict[str, DiskArray] = {}  # streamed features on disk (stream_prefix)
+        self._store: ArrayStore | None = None
+        self._tmp = None
+        self.feature_dtype = cache_dtype()
         if isinstance(disk, DiskCache):
             self.disk: DiskCache | None = disk
         elif disk is False:
@@ -369,6 +373,81 @@ class FeatureCache:
             _, old = self._prefix.popitem(last=False)
             total -= state_nbytes(old)
 
+    # -- streamed data: features on disk --------------------------------------------------
+    def stream_prefix(self, backbone: Backbone, data: LabelledData, split: int, rows: torch.Tensor,
+                       device="cpu", num_workers: int | None = None, batch_size: int = 64,
+                       dtype: str | None = None) -> DiskArray:
+        """Stages [0, split) (pooled when split == num_stages) of the examples ``rows``, computed once by
+        streaming the images through the backbone's evaluation transform (DataLoader workers) and written to
+        a feature file on disk; later trials (and processes sharing the folder) read it per batch."""
+        from autoft.core.gpu import to_device
+        from autoft.core.precision import no_autocast
+        from autoft.data.stream import StreamDataset, eval_transform, loader
+
+        dtype = dtype or self.feature_dtype
+        pre = backbone.preprocessing
+        parts = {"format": FORMAT_VERSION, "kind": "stream", "backbone": backbone.name,
+                 "weights": prefix_weights_digest(backbone, split), "split": split,
+                 "pooled": split == backbone.num_stages, "data": data.fingerprint(), "rows": rows_digest(rows),
+                 "preprocessing": pre.key(), "torch": torch.__version__, "device": torch.device(device).type,
+                 "dtype": dtype}
+        key = repr(sorted(parts.items()))
+        if key in self._arrays:
+            self.hits += 1
+            return self._arrays[key]
+        store = self._array_store()
+        arr = store.get_array(key)
+        if arr is not None:
+            self.disk_hits += 1
+        else:
+            self.misses += 1
+            t0 = time.perf_counter()
+            device = torch.device(device)
+            backbone.to(device)
+            was_training = backbone.training
+            backbone.eval()
+            ds = StreamDataset(data.inputs, data.labels, eval_transform(pre))
+            idx = rows.tolist()
+            batches = [[(i, None) for i in idx[j:j + batch_size]] for j in range(0, len(idx), batch_size)]
+            path = store.path(key)
+            writer = _ArrayWriter(path, len(idx), dtype)
+            try:
+                with torch.no_grad():
+                    for xb, _ in loader(ds, batches, num_workers):
+                        with no_autocast(device):
+                            out = backbone.forward_stages(to_device(xb, device), 0, split)
+                            if split == backbone.num_stages:
+                                out = backbone.pool(out)
+                        writer.write(out)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                backbone.train(was_training)
+            path.with_suffix(".key").write_text(key, encoding="utf-8")
+            store.writes += 1
+            store.evict(keep=path)
+            arr = DiskArray(path)
+            log.info("feature cache: %s split %d streamed for %d examples in %.2fs (%.1f MB on disk)", backbone.name,
+                     split, len(idx), time.perf_counter() - t0, arr.nbytes / 1e6)
+        self._arrays[key] = arr
+        return arr
+
+
+    def _array_store(self) -> ArrayStore:
+        if self._store is None:
+            if self.disk is not None:
+                folder = self.disk.folder / "arrays"
+                bound = self.disk.max_bytes
+            else:  # no disk cache configured: a private temporary folder, removed with this cache
+                import tempfile
+
+                self._tmp = tempfile.TemporaryDirectory(prefix="autoft-features-")
+                folder, bound = Path(self._tmp.name), 1 << 50
+            self._store = ArrayStore(folder, bound)
+        return self._store
+
     def stats(self) -> dict[str, int]:
         return {"memory_hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses,
                 "memory_entries": len(self._prefix),
@@ -418,3 +497,145 @@ def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
         pad = torch.zeros((t.shape[0], width - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
         return torch.cat([t, pad], 1)
     return t
+
+
+# -- features on disk, read per batch (streamed data) ---------------------------------------------
+class DiskArray:
+    """An ``(N, ...)`` array in a ``.npy`` file, read per batch of rows.
+
+    The file is a plain NumPy ``.npy`` (``np.load(path, mmap_mode="r")`` memory-maps it); rows are read
+    here with positioned reads (``os.preadv``) into a fresh batch, so the file's pages stay in the
+    operating system's page cache instead of the process's resident memory: reading a 10 GB feature file
+    costs a batch of memory, whatever its size."""
+
+    def __init__(self, path: str | Path):
+        import numpy as np
+
+        self._fd: int | None = None
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if fortran:
+                raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+            self.offset = f.tell()
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * len(self)
+
+    def read(self, rows) -> torch.Tensor:
+        """Rows ``rows`` (in that order) as a float32 tensor."""
+        import numpy as np
+
+        rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64).reshape(-1)
+        if self._fd is None or getattr(self, "_pid", None) != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        for j, r in enumerate(rows.tolist()):
+            if not 0 <= r < len(self):
+                raise IndexError(f"row {r} out of range for {len(self)} rows")
+            got = os.preadv(self._fd, [flat[j]], self.offset + r * self.row_bytes)
+            if got != self.row_bytes:
+                raise OSError(f"{self.path}: short read at row {r} (file truncated?)")
+        t = torch.from_numpy(out)
+        return t.float() if t.dtype != torch.float32 else t
+
+    def memmap(self):
+        import numpy as np
+
+        return np.load(self.path, mmap_mode="r")
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None and getattr(self, "_pid", None) == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = None
+
+    def __del__(self):
+        self.close()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fd"] = None
+        return d
+
+
+class _ArrayWriter:
+    """Writes an ``.npy`` file row block by row block (never holding the whole array), atomically."""
+
+    def __init__(self, path: Path, n: int, dtype):
+        import numpy as np
+
+        self.path, self.n, self.dtype = path, int(n), np.dtype(dtype)
+        self.tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        self.f = None
+        self.written = 0
+
+    def write(self, block: torch.Tensor) -> None:
+        import numpy as np
+
+        arr = block.detach().cpu().numpy().astype(self.dtype, copy=False)
+        if self.f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.tmp, "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": (self.n, *arr.shape[1:])}
+            np.lib.format.write_array_header_1_0(self.f, header)
+        self.f.write(np.ascontiguousarray(arr).tobytes())
+        self.written += len(arr)
+
+    def close(self) -> Path:
+        if self.f is None or self.written != self.n:
+            self.abort()
+            raise RuntimeError(f"feature file {self.path}: wrote {self.written} of {self.n} rows")
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        _unlink(self.tmp)
+
+
+class ArrayStore(DiskCache):
+    """The folder of :class:`DiskArray` feature files: same key, atomic-write and LRU rules as
+    :class:`DiskCache` (entries ``<40 hex>.npy``, each with its key in ``<40 hex>.key``)."""
+
+    SUFFIX = ".npy"
+    ENTRY_NAME = re.compile(r"[0-9a-f]{40}\.npy")
+
+    def get_array(self, key: str) -> DiskArray | None:
+        path = self.path(key)
+        try:
+            if path.with_suffix(".key").read_text(encoding="utf-8") != key:
+                return None
+            arr = DiskArray(path)
+            os.utime(path)
+        except (OSError, ValueError):
+            return None
+        self.reads += 1
+        return arr
+
+    def evict(self, keep: Path | None = None) -> int:
+        removed = super().evict(keep)
+        for p in self.folder.glob("*.key"):
+            if not p.with_suffix(".npy").exists():
+                _unlink(p)
+        return removed
+
+
+def cache_dtype() -> str:
+    """dtype of features written to disk: ``AUTOFT_CACHE_DTYPE`` float32 (default, exact) or float16."""
+    v = os.environ.get("AUTOFT_CACHE_DTYPE", "float32").strip().lower()
+    return "float16" if v in ("float16", "fp16", "half") else "float32"

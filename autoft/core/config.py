@@ -28,6 +28,13 @@ class TrialConfig(BaseModel):
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming up linearly")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: Literal["none", "light", "strong"] = Field(
+        "none", description="training augmentation of images: light = RandomResizedCrop + horizontal flip, "
+        "strong = light + TrivialAugmentWide; none keeps the frozen prefix cacheable (exact)")
+    bn: Literal["train", "frozen"] = Field(
+        "train", description="batch-norm statistics of the trained stages: train (batch statistics, running "
+        "averages updated) or frozen (BatchNorm layers in eval mode); checkpoints with folded batch norm "
+        "are always frozen (their zoo record says so)")
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that computes it natively, else fp32 (the CPU); "

@@ -44,6 +44,8 @@ class TaskData:
     device: str = "cpu"
     name: str = "task"
     max_length: int | None = None  # text: tokens kept per example (overrides the backbone's default)
+    num_workers: int | None = None  # DataLoader worker processes for streamed images (None: autoft.data.stream)
+    memory_budget: int | None = None  # bytes: images whose encoded tensor would exceed it are streamed
 
     @property
     def direction(self) -> str:
@@ -61,6 +63,7 @@ class FineTuneResult:
     seconds: float = 0.0
     stopped_early: bool = False
     test_metrics: dict[str, float] | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # how the data was fed: mode, workers, loader wait
     model: Any = None  # the trained Classifier when asked for (return_model=True)
 
     def to_dict(self) -> dict:
@@ -143,6 +146,62 @@ def epoch_batches(perm: torch.Tensor, batch_size: int, lengths: torch.Tensor | N
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+def memory_budget(task: TaskData) -> int:
+    """Bytes the encoded images may take in memory: the task's ``data.memory_budget_mb``, else
+    ``AUTOFT_MEMORY_BUDGET_MB``, else 1 GiB.  Above it (or with augmentation) images are streamed."""
+    import os
+
+    if task.memory_budget is not None:
+        return int(task.memory_budget)
+    env = os.environ.get("AUTOFT_MEMORY_BUDGET_MB")
+    try:
+        return int(float(env) * (1 << 20)) if env else DEFAULT_MEMORY_BUDGET
+    except ValueError:
+        return DEFAULT_MEMORY_BUDGET
+
+
+class _DiskFeats:
+    """Cached prefix outputs of some rows, in one or more feature files, read per batch."""
+
+    def __init__(self, arrays: list, parts: list[torch.Tensor], n: int):
+        self.arrays = arrays
+        self.which = torch.full((n,), -1, dtype=torch.long)
+        self.row = torch.full((n,), -1, dtype=torch.long)
+        for k, rows in enumerate(parts):
+            self.which[rows] = k
+            self.row[rows] = torch.arange(len(rows))
+
+    def read(self, idx: torch.Tensor) -> torch.Tensor:
+        which, row = self.which[idx], self.row[idx]
+        if len(self.arrays) == 1:
+            return self.arrays[0].read(row)
+        out = None
+        for k, arr in enumerate(self.arrays):
+            sel = torch.nonzero(which == k).flatten()
+            if len(sel):
+                part = arr.read(row[sel])
+                if out is None:
+                    out = torch.empty((len(idx), *part.shape[1:]), dtype=part.dtype)
+                out[sel] = part
+        return out
+
+
+def _timed(it, clock):
+    """Yield from ``it``, adding the time spent waiting for each item to ``clock.wait``."""
+    it = iter(it)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        clock.wait += time.perf_counter() - t0
+        yield item
+
+
 def _indices(splits: Splits, names: tuple[str, ...] | str) -> torch.Tensor:
     names = (names,) if isinstance(names, str) else names
     return torch.from_numpy(np.sort(np.concatenate([getattr(splits, n) for n in names]))).long()
@@ -158,6 +217,19 @@ def predict_logits(model: Classifier, feats, idx: torch.Tensor, start: int, devi
         with autocast(device, precision):
             out.append(model.forward_from(xb, start).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def _predict_batches(model: Classifier, batches, start: int, device, precision: str, nhwc: bool) -> torch.Tensor:
+    model.eval()
+    out = [model_forward(model, b[0], start, device, precision, nhwc) for b in batches]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def model_forward(model: Classifier, xb, start: int, device, precision: str, nhwc: bool) -> torch.Tensor:
+    xb = _gpu.to_device(xb, torch.device(device), nhwc)
+    with autocast(device, precision):
+        return model.forward_from(xb, start).float().cpu()
 
 
 @_gpu.oom_guard
@@ -183,14 +255,45 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
         raise ConfigError(f"unfreeze={cfg.unfreeze} but backbone '{cfg.backbone}' has only "
                           f"{backbone.num_stages} stages (allowed 0..{backbone.num_stages})", field="unfreeze")
     backbone.set_unfreeze(cfg.unfreeze)
+    if cfg.bn == "frozen":  # batch-norm layers stay in eval mode (Backbone.train); folded checkpoints already are
+        backbone.freeze_norm_stats = True
+        backbone.train(backbone.training)
+    if cfg.augment != "none" and backbone.preprocessing.modality != "image":
+        raise ConfigError(f"augment={cfg.augment} is for images; backbone '{cfg.backbone}' takes text",
+                          field="augment")
     if task.max_length and backbone.preprocessing.modality == "text":
         backbone.preprocessing = dataclasses.replace(backbone.preprocessing, max_length=task.max_length)
     split = backbone.split
-    encoded, digest = cache.encoded(task.data, backbone.preprocessing)
+    pre = backbone.preprocessing
     train_idx, eval_idx = _indices(task.splits, train_on), _indices(task.splits, evaluate_on)
     test_idx = _indices(task.splits, "test") if test else None
     pos = None  # dataset index -> row of ``feats`` (None: feats holds every example)
-    if use_cache and split > 0:
+    # images are streamed (decoded and transformed per batch in DataLoader workers) when augmented, or when
+    # the whole dataset encoded at the input size would not fit the memory budget; else encoded once
+    from autoft.data.encode import image_nbytes
+
+    stream = pre.modality == "image" and (cfg.augment != "none"
+                                          or image_nbytes(len(task.data), pre) > memory_budget(task))
+    disk_feats = None
+    if stream:
+        from autoft.data.stream import default_workers
+
+        workers = default_workers() if task.num_workers is None else task.num_workers
+        encoded = feats = None
+        start = 0
+        if cfg.augment == "none" and use_cache and split > 0:  # exact: the prefix sees the evaluation transform
+            parts = [torch.unique(torch.cat([train_idx, eval_idx]))]
+            if test:
+                extra = test_idx[~torch.isin(test_idx, parts[0])]
+                if len(extra):
+                    parts.append(extra)
+            arrays = [cache.stream_prefix(backbone, task.data, split, p, device, workers) for p in parts]
+            disk_feats = _DiskFeats(arrays, parts, len(task.data))
+            start = split + 1 if split == backbone.num_stages else split
+        data_info = {"mode": "disk features" if disk_feats is not None else "streamed", "workers": workers}
+    elif use_cache and split > 0:
+        encoded, digest = cache.encoded(task.data, pre)
+        data_info = {"mode": "in memory"}
         # the prefix is computed only for the examples this run touches (not a few-shot task's test
         # set), in separate cache entries for the search's rows and the test rows: the final check
         # on the test split then reuses what the search computed and adds only the test examples
@@ -206,8 +309,36 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
         pos[rows] = torch.arange(len(rows))
         start = split + 1 if split == backbone.num_stages else split
     else:
+        encoded, digest = cache.encoded(task.data, pre)
         feats, start = encoded, 0
-    lengths = token_lengths(encoded)
+        data_info = {"mode": "in memory"}
+    lengths = token_lengths(encoded) if encoded is not None else None
+
+    def train_batches(epoch: int, batches: list[torch.Tensor]):
+        """(batch indices, inputs on the CPU, labels) per step, in the order of ``batches``."""
+        if disk_feats is not None:
+            return ((b, disk_feats.read(b), labels[b]) for b in batches)
+        if stream:
+            from autoft.data.stream import StreamDataset, loader, sample_seed, train_transform
+
+            ds = StreamDataset(task.data.inputs, task.data.labels, train_transform(pre, cfg.augment))
+            keys = [[(i, None if cfg.augment == "none" else sample_seed(cfg.seed, epoch, i)) for i in b.tolist()]
+                    for b in batches]
+            return ((b, xb, yb) for b, (xb, yb) in zip(batches, loader(ds, keys, workers)))
+        return ((b, index_state(feats, b if pos is None else pos[b]), labels[b]) for b in batches)
+
+    def predict(idx: torch.Tensor) -> torch.Tensor:
+        if disk_feats is not None:
+            return _predict_batches(model, ((disk_feats.read(idx[i:i + 256]),) for i in range(0, len(idx), 256)),
+                                    start, device, precision, nhwc)
+        if stream:
+            from autoft.data.stream import StreamDataset, eval_transform, loader
+
+            ds = StreamDataset(task.data.inputs, task.data.labels, eval_transform(pre))
+            keys = [[(i, None) for i in idx[j:j + 64].tolist()] for j in range(0, len(idx), 64)]
+            return _predict_batches(model, loader(ds, keys, workers), 0, device, precision, nhwc)
+        return predict_logits(model, feats, idx if pos is None else pos[idx], start, device,
+                              precision=precision, nhwc=nhwc)
 
     torch.manual_seed(cfg.seed)
     head = build_head(backbone.feature_dim, task.data.num_classes, cfg)
@@ -231,6 +362,9 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
     gen = torch.Generator().manual_seed(cfg.seed)
     sign = -1.0 if task.direction == "minimize" else 1.0
 
+    from autoft.data.stream import WaitClock
+
+    clock = WaitClock()  # time the loop waits for its next batch, against the whole step
     history: list[dict[str, float]] = []
     best_score, best_epoch, stopped, metrics = -math.inf * sign, 0, False, {}
     if callable(getattr(reporter, "on_train_start", None)):  # epochs are timed from here (autoft.core.reporter)
@@ -241,9 +375,11 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
             model.train()
             perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
             loss_sum = 0.0
-            for step, b in enumerate(epoch_batches(perm, cfg.batch_size, lengths, gen)):
-                xb = _gpu.to_device(trim_text(index_state(feats, b if pos is None else pos[b])), device, nhwc)
-                yb = _gpu.to_device(labels[b], device)
+            batches = epoch_batches(perm, cfg.batch_size, lengths, gen)
+            t_step = time.perf_counter()
+            for step, (b, xb, yb) in enumerate(_timed(train_batches(epoch, batches), clock)):
+                xb = _gpu.to_device(trim_text(xb), device, nhwc)
+                yb = _gpu.to_device(yb, device)
                 try:
                     with autocast(device, precision):
                         logits = model.forward_from(xb, start)
@@ -262,8 +398,11 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
                 if epoch == 1 and step + 1 == _gpu.PROBE_STEPS and hasattr(reporter, "on_first_steps"):
                     reporter.on_first_steps()  # peak memory of the first steps (GPU packing)
                 loss_sum += loss.detach().item() * len(b)
-            logits = predict_logits(model, feats, eval_idx if pos is None else pos[eval_idx], start, device,
-                                    precision=precision, nhwc=nhwc)
+                now = time.perf_counter()
+                clock.total += now - t_step
+                clock.steps += 1
+                t_step = now
+            logits = predict(eval_idx)
             metrics = compute_metrics(logits, labels[eval_idx], task.data.num_classes, task.positive_index)
             score = metrics[task.metric]
             if not math.isfinite(score):
@@ -277,10 +416,9 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
 
     result = FineTuneResult(score=metrics[task.metric], best_score=best_score, best_epoch=best_epoch,
                             metrics=metrics, history=history, epochs_run=len(history),
-                            stopped_early=stopped)
+                            stopped_early=stopped, data={**data_info, **clock.to_dict()})
     if test:
-        logits = predict_logits(model, feats, test_idx if pos is None else pos[test_idx], start, device,
-                                precision=precision, nhwc=nhwc)
+        logits = predict(test_idx)
         result.test_metrics = compute_metrics(logits, labels[test_idx], task.data.num_classes, task.positive_index)
     if return_model:
         result.model = model.cpu().eval()

@@ -1,7 +1,8 @@
-"""Data layer: loading labelled data, splitting it, and encoding it for a backbone."""
-from autoft.data.datasets import LabelledData, load_csv, load_digits_data, load_image_folder, load_npz
+"""Data layer: loading labelled data, splitting it, encoding it for a backbone, streaming it."""
+from autoft.data.datasets import (LabelledData, load_csv, load_digits_data, load_image_folder, load_image_table,
+                                  load_npz)
 from autoft.data.encode import encode
 from autoft.data.splits import Splits, stratified_split
 
 __all__ = ["LabelledData", "Splits", "encode", "load_csv", "load_digits_data", "load_image_folder",
-           "load_npz", "stratified_split"]
+           "load_image_table", "load_npz", "stratified_split"]

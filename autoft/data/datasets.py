@@ -1,15 +1,15 @@
-"""Labelled datasets for image and text classification, loaded into memory.
+"""Labelled datasets for image and text classification.
 
-Sources: scikit-learn's bundled ``digits``; an ``image_folder`` (one sub-folder per class);
-a ``csv`` / TSV of text and label; NumPy ``npz`` arrays.  Every loader returns a
+Sources: scikit-learn's bundled ``digits``; an ``image_folder`` (one sub-folder per class) and an
+``image_table`` (CSV/Parquet of paths and labels), both read lazily (headers scanned, pixels decoded
+when indexed, :mod:`autoft.data.images`); a text table (CSV/TSV/JSONL/Parquet) of text and label;
+NumPy ``npz`` arrays (read into memory).  Every loader returns a
 :class:`LabelledData` and raises :class:`DataError` naming the file and what was expected.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +20,13 @@ from autoft.errors import DataError
 from autoft.export.runtime import DEFAULT_MAX_IMAGE_PIXELS  # light: the standard library and NumPy
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from autoft.data.images import IMAGE_SUFFIXES  # noqa: E402
 # Images whose header declares more than DEFAULT_MAX_IMAGE_PIXELS pixels are skipped before decoding
 # (decompression bombs: a 196-byte PNG can declare 30000x30000).  The same limit as predicting from an
 # exported model: a 48 MP photo (8000x6000) loads, 10000x10000 does not.  data.max_image_pixels
 # in a task file overrides it.
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_SUFFIXES", "LabelledData", "load_csv", "load_digits_data",
-           "load_image_folder", "load_npz"]
+           "load_image_folder", "load_image_table", "load_npz"]
 
 
 @dataclass
@@ -59,6 +59,10 @@ class LabelledData:
         h = hashlib.sha256()
         h.update(repr(self.class_names).encode())
         h.update(self.labels.tobytes())
+        if callable(getattr(self.inputs, "digest", None)):  # image files: paths, sizes, mtimes (not decoded)
+            h.update(self.inputs.digest().encode())
+            self._fingerprint = h.hexdigest()[:16]
+            return self._fingerprint
         for x in self.inputs:
             h.update(x.encode("utf-8", "surrogatepass") if isinstance(x, str) else np.ascontiguousarray(x).tobytes())
             h.update(b"\0")
@@ -102,95 +106,128 @@ def _to_uint8_image(arr: np.ndarray) -> np.ndarray:
 
 
 def load_image_folder(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> LabelledData:
-    """One sub-folder per class.  Unreadable images and images whose header declares more than
-    ``max_image_pixels`` pixels are skipped (named in ``notes`` and the log), never decoded."""
-    from PIL import Image, UnidentifiedImageError
+    """One sub-folder per class, read lazily: only the headers are read here (no pixels); ``inputs`` is an
+    :class:`~autoft.data.images.ImageFiles` that decodes an image when indexed (EXIF orientation applied,
+    converted to RGB).  Unreadable or truncated images and images whose header declares more than
+    ``max_image_pixels`` pixels are skipped (named in ``notes`` and the log), never decoded; images
+    converted to RGB (grey, 16-bit, CMYK, palette, RGBA) are counted in ``notes``."""
+    from autoft.data.images import list_class_folder
 
     if max_image_pixels < 1:
         raise DataError(f"max_image_pixels must be at least 1, got {max_image_pixels}")
-    if not path.is_dir():
-        raise DataError(f"image folder {path} does not exist (expected one sub-folder per class)")
-    class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"image folder {path} has no sub-folders; expected one sub-folder per class "
-                        "holding that class's images")
-    inputs, names, skipped, too_large, converted = [], [], [], [], Counter()
-    for cdir in class_dirs:
-        for f in sorted(cdir.rglob("*")):
-            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with warnings.catch_warnings():
-                    # PIL warns above its own global limit; ours is checked below, from the header
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    opened = Image.open(f)  # reads the header only
-                with opened as im:
-                    w, h = im.size
-                    if w * h > max_image_pixels:
-                        too_large.append(f"{f} ({w}x{h})")
-                        continue
-                    im.load()
-                    if im.mode != "RGB":
-                        converted[im.mode] += 1
-                        im = im.convert("RGB")
-                    inputs.append(np.asarray(im, dtype=np.uint8))
-                    names.append(cdir.name)
-            except Image.DecompressionBombError as exc:  # above 2x PIL's global limit: PIL refuses it
-                m = re.search(r"\((\d+) pixels\)", str(exc))
-                too_large.append(f"{f} ({m.group(1)} pixels)" if m else f"{f} (DecompressionBombError)")
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                skipped.append(f"{f} ({type(exc).__name__})")
-    notes = [f"converted {n} {mode} image(s) to RGB" for mode, n in sorted(converted.items())]
-    if skipped:
-        notes.append(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(skipped[:5])
-                     + (" ..." if len(skipped) > 5 else ""))
-    if too_large:
-        notes.append(f"skipped {len(too_large)} image(s) declaring more than {max_image_pixels} pixels "
-                     "(possible decompression bombs; raise data.max_image_pixels to load them): "
-                     + "; ".join(too_large[:5]) + (" ..." if len(too_large) > 5 else ""))
-    sizes = {x.shape[:2] for x in inputs}
-    if len(sizes) > 1:
-        notes.append(f"images have {len(sizes)} different sizes; all are resized to the backbone's input")
+    files, names, class_dirs = list_class_folder(path)
+    return _image_files(files, names, str(path), max_image_pixels, what=f"image folder {path}",
+                        looked=f"{', '.join(sorted(IMAGE_SUFFIXES))} in {len(class_dirs)} class folders")
+
+
+def _image_files(files: list, names: list[str], source: str, max_image_pixels: int, what: str,
+                 looked: str, class_names: list[str] | None = None) -> LabelledData:
+    from autoft.data.images import ImageFiles, scan_images
+
+    scan = scan_images(files, max_image_pixels)
+    notes = scan.notes(max_image_pixels)
     for n in notes:
-        log.warning("%s: %s", path, n)
-    if not inputs:
-        raise DataError(f"image folder {path} holds no readable images (looked for "
-                        f"{', '.join(sorted(IMAGE_SUFFIXES))} in {len(class_dirs)} class folders"
-                        + (f"; {len(too_large)} declare more than {max_image_pixels} pixels "
-                           "(data.max_image_pixels)" if too_large else "") + ")")
-    labels, classes = _labels_from_names(names, str(path))
-    return LabelledData(inputs, labels, classes, "image", str(path), notes)
+        log.warning("%s: %s", source, n)
+    if not scan.keep:
+        raise DataError(f"{what} holds no readable images (looked for {looked}"
+                        + (f"; {len(scan.too_large)} declare more than {max_image_pixels} pixels "
+                           "(data.max_image_pixels)" if scan.too_large else "") + ")")
+    kept = [names[i] for i in scan.keep]
+    if class_names is None:
+        labels, classes = _labels_from_names(kept, source)
+    else:
+        classes = list(class_names)
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[n] for n in kept], dtype=np.int64)
+    inputs = ImageFiles([files[i] for i in scan.keep], max_image_pixels)
+    return LabelledData(inputs, labels, classes, "image", source, notes)
 
 
-def load_csv(path: Path, text_column: str = "text", label_column: str = "label", sep: str | None = None,
-             encoding: str = "utf-8") -> LabelledData:
+def load_image_table(path: Path, path_column: str = "path", label_column: str = "label", sep: str | None = None,
+                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> LabelledData:
+    """A CSV/TSV or Parquet table of image paths (relative to the table's folder, or absolute) and labels,
+    read lazily like an image folder.  Missing columns, and paths that do not exist (the first few named),
+    are errors."""
+    df = _read_table(path, sep, "utf-8")
+    _need_columns(df, path, (("path_column", path_column), ("label_column", label_column)))
+    df = df[[path_column, label_column]].astype(str)
+    df = _drop_empty_labels(df, label_column, path)
+    base = path.parent
+    files = [Path(p) if Path(p).is_absolute() else base / p for p in df[path_column].tolist()]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} of {len(files)} image path(s) in column '{path_column}' do not "
+                        f"exist, e.g. {', '.join(missing[:3])} (relative paths are relative to the table's folder)")
+    return _image_files(files, df[label_column].str.strip().tolist(), str(path), max_image_pixels,
+                        what=f"image table {path}", looked=f"the {len(files)} files it lists")
+
+
+def _read_table(path: Path, sep: str | None, encoding: str):
+    """CSV/TSV (``sep`` or guessed), JSON lines (``.jsonl``) or Parquet (``.parquet``, needs pyarrow), as strings."""
     import pandas as pd
 
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    if sep is None:
-        sep = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in _first_line(path, encoding) else ","
+    suffix = path.suffix.lower()
     try:
-        df = pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False,
-                         quoting=3 if sep == "\t" else 0)
+        if suffix in (".parquet", ".pq"):
+            try:
+                df = pd.read_parquet(path)
+            except ImportError:
+                raise DataError(f"reading {path} needs pyarrow: pip install 'autoft[parquet]' (or pyarrow)") from None
+            return df.astype({c: str for c in df.columns})
+        if suffix in (".jsonl", ".ndjson"):
+            df = pd.read_json(path, lines=True, dtype=False, encoding=encoding)
+            return df.astype({c: str for c in df.columns})
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"could not read {path} ({type(exc).__name__}: {exc})") from None
+    if sep is None:
+        sep = "\t" if suffix in (".tsv", ".tab") or "\t" in _first_line(path, encoding) else ","
+    try:
+        return pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False,
+                           quoting=3 if sep == "\t" else 0)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not valid {encoding} text ({exc.reason} at byte {exc.start}); "
                         "set data.encoding in the task file (for example latin-1)") from None
     except Exception as exc:
         raise DataError(f"could not parse {path} as a table separated by {sep!r}: {exc}") from None
-    for role, col in (("text_column", text_column), ("label_column", label_column)):
+
+
+def _need_columns(df, path: Path, roles) -> None:
+    for role, col in roles:
         if col not in df.columns:
             from autoft.errors import did_you_mean
 
             raise DataError(f"{path}: no column '{col}' (data.{role}){did_you_mean(col, df.columns)}; "
                             f"columns are {list(df.columns)}")
-    df = df[[text_column, label_column]]
+
+
+def _drop_empty_labels(df, label_column: str, path: Path):
     empty = (df[label_column].str.strip() == "")
     if empty.any():
         log.warning("%s: skipped %d row(s) with an empty label", path, int(empty.sum()))
         df = df[~empty]
+    return df
+
+
+def load_csv(path: Path, text_column: str = "text", label_column: str = "label", sep: str | None = None,
+             encoding: str = "utf-8") -> LabelledData:
+    """A text table: CSV/TSV, JSON lines (``.jsonl``) or Parquet (``.parquet``).  Rows with an empty label
+    or an empty text are skipped and counted."""
+    df = _read_table(path, sep, encoding)
+    _need_columns(df, path, (("text_column", text_column), ("label_column", label_column)))
+    df = df[[text_column, label_column]]
+    df = _drop_empty_labels(df, label_column, path)
+    notes = []
+    blank = df[text_column].str.strip() == ""
+    if blank.any():
+        notes.append(f"skipped {int(blank.sum())} row(s) with an empty text")
+        log.warning("%s: %s", path, notes[-1])
+        df = df[~blank]
     labels, classes = _labels_from_names(df[label_column].str.strip().tolist(), str(path))
-    return LabelledData(df[text_column].tolist(), labels, classes, "text", str(path))
+    return LabelledData(df[text_column].tolist(), labels, classes, "text", str(path), notes)
 
 
 def _first_line(path: Path, encoding: str) -> str:

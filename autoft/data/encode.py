@@ -1,35 +1,28 @@
 """Turn raw inputs into the first stage's input, as a backbone's :class:`Preprocessing` says.
 
-Images: uint8 HxWxC → float, grey repeated to 3 channels, resized (bilinear, antialiased) to the
-input size, normalised.  Text: tokenised to ``max_length`` and trimmed to the longest example.
+Images: uint8 HxWxC → float, grey repeated to 3 channels, the weights' preset (shorter side resized to
+``resize_size``, centre crop ``input_size``) or, without one, resized to the input size; normalised.  Text: tokenised to ``max_length`` and trimmed to the longest example.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from autoft.zoo.base import Preprocessing
 
 
-def encode_images(images: list, pre: Preprocessing, batch: int = 512) -> torch.Tensor:
-    size = pre.input_size
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1)
-    out = []
-    same = len({tuple(x.shape) for x in images}) == 1
-    groups = [images[i:i + batch] for i in range(0, len(images), batch)] if same else [[x] for x in images]
-    for group in groups:
-        t = torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).float() / 255.0
-        if t.shape[1] == 1 and pre.channels == 3:
-            t = t.expand(-1, 3, -1, -1)
-        elif t.shape[1] == 4:
-            t = t[:, :3]
-        if size and tuple(t.shape[-2:]) != (size, size):
-            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=t.shape[-1] > size)
-        out.append((t - mean) / std)
-    return torch.cat(out).contiguous()
+def encode_images(images, pre: Preprocessing, batch: int = 512) -> torch.Tensor:
+    """Every image, decoded once, as one tensor (N, C, S, S): the backbone's evaluation transform.
+
+    The numbers come from :func:`autoft.export.runtime.encode_images`, the function an exported model
+    serves with, so training, export and predict preprocess identically."""
+    from autoft.export.runtime import encode_images as _encode
+
+    return _encode(images, pre.to_dict(), batch)
+
+
+def image_nbytes(n: int, pre: Preprocessing) -> int:
+    """Bytes of ``n`` images encoded as float32 at the backbone's input size."""
+    return int(n) * int(pre.channels) * int(pre.input_size or 0) ** 2 * 4
 
 
 def load_tokenizer(name_or_path: str):

@@ -14,9 +14,10 @@ Backends (:data:`BACKENDS`): ``"pt2"`` (``model.pt2``, a ``torch.export`` progra
 (``model.onnx``, onnxruntime) and ``"torchscript"`` (``model.ts``, legacy: ``torch.jit.load`` is deprecated).
 ``"auto"`` takes the first of :data:`MODEL_FORMATS` that the folder holds and that loads here.
 
-Preprocessing is re-implemented here with exactly the same operations as training
-(``autoft.data.encode``): images → float in [0, 1], grey repeated to RGB, bilinear antialiased resize
-to ``input_size``, normalised; text → the exported tokenizer, truncated to ``max_length``.
+Preprocessing is implemented here and training calls these same functions (``autoft.data``): images
+→ EXIF orientation applied, RGB, float in [0, 1], grey repeated to RGB; with the weights' preset the
+shorter side resized to ``resize_size`` and the centre ``input_size`` square cut out (:func:`preset_image`),
+without one resized straight to ``input_size``; normalised; text → the exported tokenizer, truncated to ``max_length``.
 
 What the integrity check covers: every file an export needs (:func:`required_files`: the fixed
 metadata files, each model file ``model.json`` names, the whole tokenizer folder) must be listed in
@@ -576,6 +577,25 @@ def to_uint8_image(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def to_rgb(im):
+    """A decoded PIL image → RGB, as training reads it: EXIF orientation applied, 16-bit grey scaled to
+    8 bits, palette/CMYK/grey converted, alpha dropped (composited on nothing: the colour channels)."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        from PIL import Image
+
+        im = Image.fromarray(np.clip(np.round(a * 255.0 / hi), 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
 def read_image(path: Path, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An image file → HxWx3 uint8.  Refused (:class:`ExportError`) before decoding when its header
     declares more than ``max_image_pixels`` pixels (``None``: no limit of ours; PIL's global
@@ -595,9 +615,7 @@ def read_image(path: Path, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXE
                                       f"{max_image_pixels} (max_image_pixels); not decoding it (a decompression "
                                       "bomb, or an image to shrink first)")
                 im.load()
-                if im.mode != "RGB":
-                    im = im.convert("RGB")
-                return np.asarray(im, dtype=np.uint8)
+                return np.asarray(to_rgb(im), dtype=np.uint8)
     except FileNotFoundError:
         raise ExportError(f"image file {path} does not exist") from None
     except Image.DecompressionBombError as exc:
@@ -615,28 +633,84 @@ def read_image(path: Path, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXE
         raise ExportError(f"could not read {path} as an image ({type(exc).__name__}: {exc})") from None
 
 
-def encode_images(images: list[np.ndarray], pre: dict, batch: int = 512):
-    """uint8 HxWxC arrays → normalised float tensor (N, C, S, S), as in training."""
+def _channels(t, channels: int):
+    """(N, C, H, W) float: grey repeated to 3 channels, an alpha channel dropped."""
+    if t.shape[1] == 1 and channels == 3:
+        return t.expand(-1, 3, -1, -1)
+    if t.shape[1] == 4:
+        return t[:, :3]
+    return t
+
+
+def preset_size(h: int, w: int, resize_size: int) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side to ``resize_size`` (torchvision's rule)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize_size, int(resize_size * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def preset_image(arr: np.ndarray, pre: dict):
+    """One uint8 HxWxC array → the network's input (C, S, S) for the weights' preset: values scaled to
+    [0, 1], the shorter side resized to ``resize_size`` (``interpolation``, antialiased), the centre
+    ``input_size`` square cut out, normalised by ``mean``/``std``.  What ``torchvision.transforms.v2``'s
+    Resize, CenterCrop, ToDtype(scale=True) and Normalize do, computed in float32 throughout so that
+    training (:mod:`autoft.data`) and serving share these exact numbers."""
     torch = _torch()
     import torch.nn.functional as F
 
+    crop, resize = int(pre["input_size"]), int(pre["resize_size"])
+    mode = pre.get("interpolation") or "bilinear"
+    t = torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255.0
+    t = _channels(t, pre.get("channels", 3))
+    h, w = t.shape[-2:]
+    nh, nw = preset_size(h, w, resize)
+    if (nh, nw) != (h, w):
+        if mode == "nearest":
+            t = F.interpolate(t, size=(nh, nw), mode="nearest")
+        else:
+            t = F.interpolate(t, size=(nh, nw), mode=mode, align_corners=False, antialias=True)
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    t = t[..., top:top + crop, left:left + crop]
+    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    return ((t - mean) / std)[0].contiguous()
+
+
+def encode_images(images, pre: dict, batch: int = 512):
+    """uint8 HxWxC arrays → normalised float tensor (N, C, S, S), as in training.
+
+    With a preset (``resize_size`` in ``preprocessing.json``): :func:`preset_image`, one image at a time.
+    Without (older exports, the CIFAR ResNets): the image is resized straight to ``input_size``."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    if pre.get("resize_size"):
+        out = [preset_image(x, pre) for x in images]
+        if not out:
+            s = int(pre["input_size"])
+            return torch.zeros((0, pre.get("channels", 3), s, s))
+        return torch.stack(out).contiguous()
     size = pre.get("input_size")
     channels = pre.get("channels", 3)
     mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    same = len({tuple(x.shape) for x in images}) == 1
-    groups = [images[i:i + batch] for i in range(0, len(images), batch)] if same else [[x] for x in images]
-    out = []
-    for group in groups:
+    out, group = [], []
+
+    def flush():
         t = torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).float() / 255.0
-        if t.shape[1] == 1 and channels == 3:
-            t = t.expand(-1, 3, -1, -1)
-        elif t.shape[1] == 4:
-            t = t[:, :3]
+        t = _channels(t, channels)
         if size and tuple(t.shape[-2:]) != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=t.shape[-1] > size)
         out.append((t - mean) / std)
+        group.clear()
+
+    for x in images:  # one pass (a lazy sequence decodes each image once); same-shape runs batched
+        if group and (x.shape != group[0].shape or len(group) >= batch):
+            flush()
+        group.append(x)
+    if group:
+        flush()
     return torch.cat(out).contiguous()
 
 
@@ -927,7 +1001,7 @@ class ExportedModel:
                     items.append(read_image(p, self.max_image_pixels))
                     names.append(str(p))
             elif _is_pil(x):
-                items.append(np.asarray(x if x.mode == "RGB" else x.convert("RGB"), dtype=np.uint8))
+                items.append(np.asarray(to_rgb(x), dtype=np.uint8))
                 names.append(f"image[{i}]")
             elif isinstance(x, np.ndarray):
                 items.append(to_uint8_image(x))
