@@ -137,3 +137,106 @@ def test_bn_frozen_keeps_running_statistics(small_digits_task):
         b = ref.stages[-1].state_dict()
         stats = [k for k in a if k.endswith("running_mean")]
         assert stats and all(torch.equal(a[k], b[k]) == same for k in stats)
+
+
+# --- bad input: each a clear error or a counted skip ------------------------------------------------------
+
+def test_image_modes_converted_and_truncated_skipped(tmp_path):
+    from autoft.data.images import decode_image
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray((rng.integers(0, 65536, (16, 16))).astype(np.uint16)).save(tmp_path / "a" / "deep.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "a" / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "b" / "palette.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8)).save(tmp_path / "b" / "alpha.png")
+    Image.fromarray(rgb).save(tmp_path / "b" / "ok.jpg")
+    whole = (tmp_path / "b" / "ok.jpg").read_bytes()
+    (tmp_path / "b" / "cut.jpg").write_bytes(whole[: len(whole) - 40])  # a download cut short: header intact
+    rotated = Image.fromarray(rgb)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    rotated.save(tmp_path / "a" / "rotated.jpg", exif=exif)
+    data = load_image_folder(tmp_path)
+    notes = " | ".join(data.notes)
+    assert len(data) == 6
+    assert "skipped 1 unreadable image(s)" in notes and "cut.jpg (truncated)" in notes
+    for mode in ("CMYK", "P", "RGBA"):
+        assert f"converted 1 {mode} image(s) to RGB" in notes
+    assert any(n.startswith("converted 1 I") for n in data.notes)  # 16-bit grey (I;16 or I)
+    deep = decode_image(tmp_path / "a" / "deep.png")
+    assert deep.shape == (16, 16, 3) and deep.max() > 128  # scaled from 16 bits, not clipped at 255
+    assert decode_image(tmp_path / "a" / "rotated.jpg").shape == (30, 20, 3)  # EXIF orientation honoured
+
+
+def test_image_table_errors(tmp_path):
+    from autoft.data import load_image_table
+    from autoft.errors import DataError
+
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    good = tmp_path / "t.csv"
+    good.write_text("file,kind\n" + "".join(f"img/{i}.png,{'ab'[i % 2]}\n" for i in range(4)))
+    data = load_image_table(good, path_column="file", label_column="kind")
+    assert len(data) == 4 and data.class_names == ["a", "b"] and data.inputs[1].shape == (8, 8, 3)
+    with pytest.raises(DataError, match="no column 'path'"):
+        load_image_table(good)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\n" + "".join(f"img/missing{i}.png,a\n" for i in range(5)) + "img/0.png,b\n")
+    with pytest.raises(DataError, match=r"5 of 6 image path\(s\).*missing0\.png.*missing2\.png"):
+        load_image_table(bad)
+    pq = tmp_path / "t.parquet"
+    import pandas as pd
+
+    pd.DataFrame({"path": [str(tmp_path / "img" / f"{i}.png") for i in range(4)], "label": [0, 1, 0, 1]}).to_parquet(pq)
+    assert load_image_table(pq).class_names == ["0", "1"]
+
+
+def test_text_tables_and_bad_text(tmp_path):
+    from autoft.data import LabelledData, load_csv
+    from autoft.errors import DataError
+
+    import pandas as pd
+
+    rows = [{"text": "hello there", "label": "greet"}, {"text": "  ", "label": "greet"},
+            {"text": "bye now", "label": "leave"}]
+    (tmp_path / "t.jsonl").write_text("\n".join(pd.Series(r).to_json() for r in rows) + "\n")
+    pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")
+    for name in ("t.jsonl", "t.parquet"):
+        d = load_csv(tmp_path / name)
+        assert d.inputs == ["hello there", "bye now"] and "skipped 1 row(s) with an empty text" in d.notes
+    with pytest.raises(DataError, match="same label"):
+        LabelledData(["a", "b"], [0, 0], ["x", "y"], "text", "one.csv").validate()
+
+
+def test_class_too_small_for_the_split(tmp_path):
+    from autoft.errors import DataError
+
+    for c, n in (("many", 10), ("few", 1)):
+        (tmp_path / c).mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    data = load_image_folder(tmp_path)
+    with pytest.raises(DataError, match="class 'few' has only 1 example"):
+        stratified_split(data.labels, val=0.2, test=0.2, class_names=data.class_names, source=str(tmp_path))
+
+
+def test_task_with_a_fixed_test_folder(tmp_path):
+    from autoft.task import parse_task
+
+    for split, n in (("train", 8), ("test", 3)):
+        for c in ("x", "y"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    task = parse_task({"name": "t", "modality": "image", "search_space": "imagenet_convnets",
+                       "data": {"source": "image_folder", "path": str(tmp_path / "train"),
+                                "test_path": str(tmp_path / "test"), "num_workers": 1, "memory_budget_mb": 64},
+                       "split": {"val": 0.25}})
+    td = task.prepare()
+    assert td.splits.sizes() == {"train": 12, "val": 4, "test": 6}
+    assert len(td.data) == 22 and td.num_workers == 1 and td.memory_budget == 64 << 20
+    assert all(td.data.inputs[i].shape == (8, 8, 3) for i in td.splits.test)
