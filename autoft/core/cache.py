@@ -551,7 +551,7 @@ class DiskArray:
     def memmap(self):
         import numpy as np
 
-        return np.load(self.path, mmap_mode="r")
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None and getattr(self, "_pid", None) == os.getpid():
