@@ -369,3 +369,23 @@ def test_export_carries_calibration_and_predict_applies_it(sms_length_task, feat
     ev = evaluate_export(tmp_path / "export", task=task, out=tmp_path / "ev", n_boot=50, explain=0, html=False)
     assert ev.summary["calibration_source"] == "export" and ev.calibration.threshold == cal["threshold"]
     assert (pd.read_csv(tmp_path / "ev" / "predictions.csv").predicted.to_numpy() == np.array(preds.labels)).all()
+
+
+@pytest.mark.slow
+def test_builtin_three_task_suite_across_modalities(tmp_path):
+    """digits-fewshot (CIFAR ResNets), sms-spam (MiniLM) and ants-bees (the offline ImageNet checkpoints) in one
+    cross-task table; each task's own backbones, a sparse table and a mean rank over the tasks a backbone ran on."""
+    from autoft.evaluation.suite import run_suite
+
+    out = tmp_path / "three"
+    res = run_suite("three-tasks", out=out)
+    assert res.ran == ["digits-fewshot", "sms-spam", "ants-bees"]
+    scores = pd.read_csv(out / "scores.csv", index_col=0)
+    assert list(scores.columns) == ["digits-fewshot", "sms-spam", "ants-bees", "mean_rank"]
+    assert scores.loc[["resnet20", "resnet32", "resnet56"], "digits-fewshot"].notna().all()
+    assert scores.loc["minilm", "sms-spam"] > 0.9  # spam F1 of a real fine-tune, not a stand-in
+    folded = ["mobilenet_v2_folded", "mobilenet_v3_small_folded", "squeezenet1_1_folded"]
+    assert scores.loc[folded, "ants-bees"].notna().all() and scores.loc[folded, "ants-bees"].max() > 0.85
+    assert scores.loc["minilm", ["digits-fewshot", "ants-bees"]].isna().all()
+    k = pd.read_csv(out / "kendall.csv").set_index("task")
+    assert k.loc["digits-fewshot", "backbones"] == 3 and k.loc["ants-bees", "backbones"] == 3
