@@ -22,7 +22,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial
 
 from autoft.errors import AutoftError, ConfigError
-from autoft.events import Callback, Events, SearchEnded, SearchStarted
+from autoft.events import Callback, Events, SearchEnded
 
 log = logging.getLogger(__name__)
 BACKENDS = ("optuna", "ray")
@@ -78,7 +78,7 @@ class SearchResult:
     def leaderboard(self) -> pd.DataFrame:
         """One row per backbone, best first (``leaderboard.csv``)."""
         from autoft.results.tables import leaderboard
-        from autoft.study.record import ATTR_RANKING, ATTR_SURPLUS
+        from autoft.study.record import ATTR_RANKING
 
         return leaderboard(self.trials(), self.task.direction, self.study.user_attrs.get(ATTR_RANKING))
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-import pytest
 
 from autoft.cli import main
 from autoft.engines.optuna_engine import ATTR_RETRY_OF, count_finished

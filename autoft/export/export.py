@@ -879,7 +879,6 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
                          "precision_pos", "recall_pos", "auroc", "loss") if m in val or m in test]
     names = list(dict.fromkeys(names))
     wall = f"{s['wall_seconds']:.0f} s wall clock" if s.get("wall_seconds") is not None else "unknown time"
-    files = info["files"]
     ver = info["verification"]
     pre = td.data.modality
     model_lines = _model_file_lines(info, pre)
