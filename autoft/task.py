@@ -318,20 +318,26 @@ def parse_task(doc: dict, file: Path | str = "<task>") -> Task:
     return task
 
 
-def find_task(name_or_path: str | Path) -> Path:
+def find_named_yaml(name_or_path: str | Path, local: Path, builtin: Path, what: str, plural: str) -> Path:
+    """A YAML file given by path, or by name: ``local/NAME.yaml`` first, then ``builtin/NAME.yaml``;
+    an unknown name lists the known ones with a did-you-mean (tasks, suites)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file() or os.sep in str(name_or_path):
         if not p.is_file():
-            raise ConfigError(f"task file {p} does not exist")
+            raise ConfigError(f"{what} file {p} does not exist")
         return p
-    for folder in (Path.cwd() / "tasks", BUILTIN_TASKS):
+    for folder in (local, builtin):
         for ext in (".yaml", ".yml"):
             if (folder / f"{name_or_path}{ext}").is_file():
                 return folder / f"{name_or_path}{ext}"
-    known = sorted({f.stem for d in (Path.cwd() / "tasks", BUILTIN_TASKS) if d.is_dir() for f in d.glob("*.y*ml")})
-    raise ConfigError(f"no task named '{name_or_path}'{did_you_mean(str(name_or_path), known)}: looked for "
-                      f"{name_or_path}.yaml in ./tasks/ and in the built-in tasks ({BUILTIN_TASKS}). "
-                      f"Known tasks: {', '.join(known) or 'none'}")
+    known = sorted({f.stem for d in (local, builtin) if d.is_dir() for f in d.glob("*.y*ml")})
+    raise ConfigError(f"no {what} named '{name_or_path}'{did_you_mean(str(name_or_path), known)}: looked for "
+                      f"{name_or_path}.yaml in ./{local.name}/ and in the built-in {plural} ({builtin}). "
+                      f"Known {plural}: {', '.join(known) or 'none'}")
+
+
+def find_task(name_or_path: str | Path) -> Path:
+    return find_named_yaml(name_or_path, Path.cwd() / "tasks", BUILTIN_TASKS, "task", "tasks")
 
 
 def load_task(name_or_path: str | Path) -> Task:

@@ -86,13 +86,16 @@ def _json_default(x):
     raise TypeError(type(x).__name__)
 
 
-def _clean(v):
+def json_clean(v):
+    """``v`` with NaN/inf as None and NumPy scalars as Python numbers (strict JSON)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: json_clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [json_clean(x) for x in v]
+    if isinstance(v, np.generic):
+        return json_clean(v.item())
     return v
 
 
@@ -268,7 +271,7 @@ def evaluate_predictions(logits, target, class_names: list[str], folder: str | P
         "seconds": round(time.perf_counter() - t0, 2),
         "files": sorted({p.name for p in files} | {SUMMARY}),
     }
-    (folder / SUMMARY).write_text(json.dumps(_clean(summary), indent=2, default=_json_default) + "\n",
+    (folder / SUMMARY).write_text(json.dumps(json_clean(summary), indent=2, default=_json_default) + "\n",
                                   encoding="utf-8")
     files.append(folder / SUMMARY)
     log.info("evaluation of %d %s examples written to %s in %.1fs", len(y), split, folder, summary["seconds"])

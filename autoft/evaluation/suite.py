@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from autoft.errors import ConfigError, TrialFailed, did_you_mean
+from autoft.errors import ConfigError, TrialFailed
 
 log = logging.getLogger(__name__)
 BUILTIN_SUITES = Path(__file__).resolve().parents[1] / "builtin" / "suites"
@@ -87,19 +87,10 @@ class Suite(_Model):
 
 
 def find_suite(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
-        if not p.is_file():
-            raise ConfigError(f"suite file {p} does not exist")
-        return p
-    for folder in (Path.cwd() / "suites", BUILTIN_SUITES):
-        for ext in (".yaml", ".yml"):
-            if (folder / f"{name_or_path}{ext}").is_file():
-                return folder / f"{name_or_path}{ext}"
-    known = sorted({f.stem for d in (Path.cwd() / "suites", BUILTIN_SUITES) if d.is_dir() for f in d.glob("*.y*ml")})
-    raise ConfigError(f"no suite named '{name_or_path}'{did_you_mean(str(name_or_path), known)}: looked for "
-                      f"{name_or_path}.yaml in ./suites/ and {BUILTIN_SUITES}. "
-                      f"Known suites: {', '.join(known) or 'none'}")
+    """``./suites/NAME.yaml``, then the built-in suites, or a path (as tasks are found)."""
+    from autoft.task import find_named_yaml
+
+    return find_named_yaml(name_or_path, Path.cwd() / "suites", BUILTIN_SUITES, "suite", "suites")
 
 
 def load_suite(name_or_path: str | Path | Suite) -> Suite:
@@ -162,22 +153,12 @@ def _fingerprint(doc: dict) -> str:
 
 
 def _write_json(path: Path, doc: dict) -> None:
+    from autoft.evaluation.evaluate import json_clean
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_clean(doc), indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(json_clean(doc), indent=2, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
-
-
-def _clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, np.generic):
-        return _clean(v.item())
-    return v
 
 
 def kendall(logme: dict[str, float | None], scores: dict[str, float | None], direction: str = "maximize") -> dict:
