@@ -26,7 +26,8 @@ import torch
 
 from autoft.core.cache import FeatureCache
 from autoft.core.config import TrialConfig
-from autoft.core.train import TaskData
+from autoft.core.train import TaskData, memory_budget
+from autoft.data.encode import streamed
 from autoft.core.device import resolve_device
 from autoft.study.record import ATTR_FIRST_TRIAL, ATTR_RANKING
 from autoft.errors import AutoftError, ConfigError
@@ -119,17 +120,24 @@ def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCach
     """Pooled features of the frozen backbone (a zoo name or a built backbone) for the examples of
     ``on``, and their labels.
 
-    Computed for train + validation (the rows head-only trials use, so they share the cache entry).
+    Computed for train + validation (the rows head-only trials use, so they share the cache entry):
+    in memory from the encoded images, or, when the encoded images would exceed the task's memory
+    budget, streamed into a feature file on disk (:meth:`FeatureCache.stream_prefix`; same numbers).
     """
     bb = cache.backbone(backbone) if isinstance(backbone, str) else backbone
     bb.set_unfreeze(0)
-    encoded, digest = cache.encoded(task.data, bb.preprocessing)
     rows = torch.from_numpy(np.union1d(task.splits.train, task.splits.val)).long()
-    feats = cache.prefix(bb, encoded, digest, bb.num_stages, resolve_device(task.device),
-                         rows=rows)
     want = np.sort(np.concatenate([getattr(task.splits, s) for s in on]))
-    pos = np.searchsorted(rows.numpy(), want)
-    return feats[torch.from_numpy(pos)].numpy(), task.data.labels[want]
+    pos = torch.from_numpy(np.searchsorted(rows.numpy(), want))
+    device = resolve_device(task.device)
+    if streamed(len(task.data), bb.preprocessing, memory_budget(task)):
+        # too many images to encode in memory: the pooled features are computed by streaming the images
+        # through the evaluation transform into a feature file on disk (the entry head-only trials read)
+        feats = cache.stream_prefix(bb, task.data, bb.num_stages, rows, device, task.num_workers)
+        return feats.read(pos).numpy(), task.data.labels[want]
+    encoded, digest = cache.encoded(task.data, bb.preprocessing)
+    feats = cache.prefix(bb, encoded, digest, bb.num_stages, device, rows=rows)
+    return feats[pos].numpy(), task.data.labels[want]
 
 
 def rank_backbones(task: TaskData, backbones: list[str], cache: FeatureCache | None = None, *,

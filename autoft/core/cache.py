@@ -376,13 +376,14 @@ class FeatureCache:
     # -- streamed data: features on disk --------------------------------------------------
     def stream_prefix(self, backbone: Backbone, data: LabelledData, split: int, rows: torch.Tensor,
                        device="cpu", num_workers: int | None = None, batch_size: int = 64,
-                       dtype: str | None = None) -> DiskArray:
+                       dtype: str | None = None, compute: bool = True) -> DiskArray | None:
         """Stages [0, split) (pooled when split == num_stages) of the examples ``rows``, computed once by
         streaming the images through the backbone's evaluation transform (DataLoader workers) and written to
-        a feature file on disk; later trials (and processes sharing the folder) read it per batch."""
+        a feature file on disk; later trials (and processes sharing the folder) read it per batch.
+        ``compute=False`` only looks: None when no such file exists yet."""
         from autoft.core.gpu import to_device
         from autoft.core.precision import no_autocast
-        from autoft.data.stream import StreamDataset, eval_transform, loader
+        from autoft.data.stream import StreamDataset, eval_keys, eval_transform, loader
 
         dtype = dtype or self.feature_dtype
         pre = backbone.preprocessing
@@ -395,10 +396,14 @@ class FeatureCache:
         if key in self._arrays:
             self.hits += 1
             return self._arrays[key]
+        if not compute and self.disk is None and self._store is None:
+            return None  # no folder yet: nothing was streamed
         store = self._array_store()
         arr = store.get_array(key)
         if arr is not None:
             self.disk_hits += 1
+        elif not compute:
+            return None
         else:
             self.misses += 1
             t0 = time.perf_counter()
@@ -407,13 +412,11 @@ class FeatureCache:
             was_training = backbone.training
             backbone.eval()
             ds = StreamDataset(data.inputs, data.labels, eval_transform(pre))
-            idx = rows.tolist()
-            batches = [[(i, None) for i in idx[j:j + batch_size]] for j in range(0, len(idx), batch_size)]
             path = store.path(key)
-            writer = _ArrayWriter(path, len(idx), dtype)
+            writer = _ArrayWriter(path, len(rows), dtype)
             try:
                 with torch.no_grad():
-                    for xb, _ in loader(ds, batches, num_workers):
+                    for xb, _ in loader(ds, eval_keys(rows, batch_size), num_workers):
                         with no_autocast(device):
                             out = backbone.forward_stages(to_device(xb, device), 0, split)
                             if split == backbone.num_stages:
@@ -430,7 +433,7 @@ class FeatureCache:
             store.evict(keep=path)
             arr = DiskArray(path)
             log.info("feature cache: %s split %d streamed for %d examples in %.2fs (%.1f MB on disk)", backbone.name,
-                     split, len(idx), time.perf_counter() - t0, arr.nbytes / 1e6)
+                     split, len(rows), time.perf_counter() - t0, arr.nbytes / 1e6)
         self._arrays[key] = arr
         return arr
 

@@ -25,6 +25,13 @@ def image_nbytes(n: int, pre: Preprocessing) -> int:
     return int(n) * int(pre.channels) * int(pre.input_size or 0) ** 2 * 4
 
 
+def streamed(n: int, pre: Preprocessing, budget: int) -> bool:
+    """Whether ``n`` images for ``pre`` are streamed rather than encoded into memory: their float32
+    tensor at the input size would exceed ``budget`` bytes (the rule of ``fine_tune_and_score``, the
+    ranking and the evaluation; see :func:`autoft.core.train.memory_budget`).  Text is never streamed."""
+    return pre.modality == "image" and image_nbytes(n, pre) > budget
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 

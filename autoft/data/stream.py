@@ -127,6 +127,12 @@ def sample_seed(seed: int, epoch: int, i: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(i) * 104_729) % (2**63 - 1)
 
 
+def eval_keys(idx, batch_size: int = 64) -> list[list[tuple[int, None]]]:
+    """Batches of ``(example, None)`` keys (no randomness) over the examples ``idx``, in that order."""
+    idx = idx.tolist() if hasattr(idx, "tolist") else list(idx)
+    return [[(i, None) for i in idx[j:j + batch_size]] for j in range(0, len(idx), batch_size)]
+
+
 def loader(dataset: StreamDataset, batches: Iterable[list], num_workers: int | None = None,
            prefetch: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader that produces ``batches`` (lists of keys) in order, in ``num_workers`` processes."""

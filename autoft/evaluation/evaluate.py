@@ -323,11 +323,14 @@ def split_logits(model, task_data, names: tuple[str, ...] = ("val", "test"), cac
     (train + validation, then the test examples), so after ``fine_tune_and_score(..., test=True)``
     with the same cache nothing but the trainable stages and the head runs again."""
     from autoft.core.cache import FeatureCache
-    from autoft.core.train import predict_logits, resolve_device
+    from autoft.core.train import memory_budget, predict_logits, resolve_device
+    from autoft.data.encode import streamed
 
     cache = cache or FeatureCache(disk=False)
     device = resolve_device(task_data.device) if task_data.device != "cpu" else torch.device("cpu")
     bb = model.backbone
+    if streamed(len(task_data.data), bb.preprocessing, memory_budget(task_data)):
+        return _streamed_split_logits(model, task_data, names, cache, device)
     encoded, digest = cache.encoded(task_data.data, bb.preprocessing)
     model = model.to(device)
     out = {}
@@ -360,33 +363,103 @@ def split_logits(model, task_data, names: tuple[str, ...] = ("val", "test"), cac
         model.cpu()
 
 
-def data_logits(model, data, cache=None, device: str = "cpu") -> torch.Tensor:
-    """Logits of a trained Classifier for every example of ``data`` (a LabelledData)."""
+def _streamed_split_logits(model, task_data, names: tuple[str, ...], cache, device) -> dict[str, torch.Tensor]:
+    """:func:`split_logits` for images too many to encode in memory: batch by batch.  Rows whose
+    frozen-prefix features the search (or its final check) wrote to disk (same rows, same key:
+    :meth:`FeatureCache.stream_prefix`) are read from there; the others are streamed through the whole
+    model with the evaluation transform (DataLoader workers)."""
+    from autoft.core.train import _predict_batches
+
+    bb = model.backbone
+    split = bb.split
+    start = split + 1 if split == bb.num_stages else split
+    train = _split_index(task_data, "train")
+    search_rows = torch.unique(torch.cat([train, _split_index(task_data, "val")]))
+    test = _split_index(task_data, "test")
+    extra = test[~torch.isin(test, search_rows)]
+    parts = [search_rows] + ([extra] if len(extra) else [])
+    model = model.to(device)
+    out = {}
+    try:
+        for n in names:
+            idx = _split_index(task_data, n)
+            logits = torch.empty((len(idx), task_data.data.num_classes))
+            done = torch.zeros(len(idx), dtype=torch.bool)
+            for rows in parts if split > 0 else []:
+                inside = torch.isin(idx, rows)
+                arr = cache.stream_prefix(bb, task_data.data, split, rows, device, task_data.num_workers,
+                                          compute=False) if inside.any() else None
+                if arr is not None:
+                    pos = torch.searchsorted(rows, idx[inside])
+                    batches = ((arr.read(pos[i:i + 256]),) for i in range(0, len(pos), 256))
+                    logits[inside] = _predict_batches(model, batches, start, device, "fp32", False)
+                    done |= inside
+            if not done.all():
+                logits[~done] = _stream_logits(model, task_data.data, idx[~done], device, task_data.num_workers)
+            out[n] = logits
+        return out
+    finally:
+        model.cpu()
+
+
+def _stream_logits(model, data, idx: torch.Tensor, device, num_workers: int | None = None) -> torch.Tensor:
+    """Logits of the examples ``idx`` of ``data``, decoded and transformed per batch in DataLoader workers."""
+    from autoft.core.train import _predict_batches
+    from autoft.data.stream import StreamDataset, eval_keys, eval_transform, loader
+
+    ds = StreamDataset(data.inputs, data.labels, eval_transform(model.backbone.preprocessing))
+    return _predict_batches(model.to(device), loader(ds, eval_keys(idx), num_workers), 0, device, "fp32", False)
+
+
+def data_logits(model, data, cache=None, device: str = "cpu", budget: int | None = None) -> torch.Tensor:
+    """Logits of a trained Classifier for every example of ``data`` (a LabelledData); images that would
+    exceed the memory ``budget`` (bytes; default :func:`autoft.core.train.memory_budget`) encoded are
+    streamed batch by batch."""
     from autoft.core.cache import FeatureCache
     from autoft.core.train import predict_logits
+    from autoft.data.encode import streamed
 
-    cache = cache or FeatureCache(disk=False)
-    encoded, _ = cache.encoded(data, model.backbone.preprocessing)
     dev = torch.device(device)
     try:
+        if streamed(len(data), model.backbone.preprocessing, _budget(budget)):
+            return _stream_logits(model, data, torch.arange(len(data)), dev)
+        cache = cache or FeatureCache(disk=False)
+        encoded, _ = cache.encoded(data, model.backbone.preprocessing)
         return predict_logits(model.to(dev), encoded, torch.arange(len(data)), 0, dev)
     finally:
         model.cpu()
 
 
-def _classifier_access(model, data, rows: torch.Tensor, cache) -> ModelAccess:
+def _budget(budget: int | None = None, task_data=None) -> int:
+    from autoft.core.train import TaskData, memory_budget
+
+    if budget is not None:
+        return int(budget)
+    return memory_budget(task_data if task_data is not None else TaskData(None, None))
+
+
+def _classifier_access(model, data, rows: torch.Tensor, cache, budget: int | None = None) -> ModelAccess:
+    """Encoded rows for explanations: from the cache's encoding when the data is held in memory, else
+    only the few rows explained, encoded when asked."""
     from autoft.core.cache import trim_text
+    from autoft.data.encode import encode, streamed
     from autoft.zoo.base import index_state
 
     pre = model.backbone.preprocessing
-    encoded, _ = cache.encoded(data, pre)
     tok = None
     if pre.modality == "text":
         from autoft.data.encode import load_tokenizer
 
         tok = load_tokenizer(pre.tokenizer)
-    return ModelAccess(model.cpu().eval(), lambda pos: trim_text(index_state(encoded, rows[torch.as_tensor(pos)])),
-                       pre.modality, tok, pre)
+    if streamed(len(data), pre, _budget(budget)):
+        def encode_rows(pos):
+            return encode([data.inputs[int(i)] for i in rows[torch.as_tensor(pos)].tolist()], pre)
+    else:
+        encoded, _ = cache.encoded(data, pre)
+
+        def encode_rows(pos):
+            return trim_text(index_state(encoded, rows[torch.as_tensor(pos)]))
+    return ModelAccess(model.cpu().eval(), encode_rows, pre.modality, tok, pre)
 
 
 def evaluate_winner(result, task_data, folder: str | Path, *, cache=None, split: str = "test",
@@ -401,6 +474,8 @@ def evaluate_winner(result, task_data, folder: str | Path, *, cache=None, split:
     section.  Pass the search's ``cache`` so that frozen-prefix features are reused.
     """
     from autoft.core.cache import FeatureCache
+    from autoft.core.train import memory_budget
+    from autoft.data.lazy import Rows
 
     model = getattr(result, "model", result)
     if model is None:
@@ -419,8 +494,8 @@ def evaluate_winner(result, task_data, folder: str | Path, *, cache=None, split:
         elif len(g) != len(idx):
             raise DataError(f"groups has {len(g)} values; expected one per example ({len(data)}) or per "
                             f"{split} example ({len(idx)})")
-    raw = [data.inputs[i] for i in idx.tolist()]
-    access = _classifier_access(model, data, idx, cache) if explain > 0 else None
+    raw = Rows(data.inputs, idx)  # read when shown (a few confused pairs and explanations), never all at once
+    access = _classifier_access(model, data, idx, cache, memory_budget(task_data)) if explain > 0 else None
     ctx = {"task": task_data.name, "examples_total": len(data), **(context or {})}
     if getattr(result, "test_metrics", None):
         ctx["search_test_metrics"] = result.test_metrics

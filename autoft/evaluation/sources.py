@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoft.data.lazy import Rows
 from autoft.errors import ConfigError, DataError
 from autoft.evaluation.evaluate import (SPLITS, Evaluation, ModelAccess, data_logits, evaluate_predictions,
                                         evaluate_winner, split_logits)
@@ -116,6 +117,7 @@ def evaluate_trial(task, *, study: str = "default", trial: int | None = None, re
     ``evaluation-trial<N>-<split or data name>`` beside it.  ``html`` also writes the study's
     ``report.html``."""
     from autoft.core import FeatureCache, TrialConfig, fine_tune_and_score
+    from autoft.core.train import memory_budget
     from autoft.export.export import open_study, select_trial
     from autoft.study import ensure_inside, validate_name
     from autoft.task import Task, load_task
@@ -153,10 +155,11 @@ def evaluate_trial(task, *, study: str = "default", trial: int | None = None, re
         new = load_labelled(data, td.data.modality, td.data.class_names, text_column=tc, label_column=lc)
         groups, gname = resolve_groups(new, source=data, group_column=group_column, groups_file=groups_file,
                                        length_bands=length_bands, text_column=tc, label_column=lc)
-        logits = data_logits(model, new, cache)
+        budget = memory_budget(td)
+        logits = data_logits(model, new, cache, budget=budget)
         val = split_logits(model, td, ("val",), cache)["val"] if calibrate else None
         val_y = torch.from_numpy(td.data.labels[np.sort(td.splits.val)]) if calibrate else None
-        access = _new_data_access(model, new, cache) if explain > 0 else None
+        access = _new_data_access(model, new, cache, budget) if explain > 0 else None
         ev = evaluate_predictions(logits, torch.from_numpy(new.labels), new.class_names, out, metric=td.metric,
                                   positive_index=td.positive_index, split=f"data {Path(data).name}",
                                   val_logits=val, val_target=val_y, groups=groups, group_name=gname or "group",
@@ -181,10 +184,10 @@ def _ids(data, source) -> list[str]:
     return [f"row {i}" for i in range(len(data))]
 
 
-def _new_data_access(model, data, cache) -> ModelAccess:
+def _new_data_access(model, data, cache, budget: int | None = None) -> ModelAccess:
     from autoft.evaluation.evaluate import _classifier_access
 
-    return _classifier_access(model, data, torch.arange(len(data)), cache)
+    return _classifier_access(model, data, torch.arange(len(data)), cache, budget)
 
 
 # -- an exported folder -------------------------------------------------------------------------------
@@ -256,12 +259,12 @@ def evaluate_export(folder: str | Path, *, task=None, split: str = "test", data:
                                        length_bands=length_bands, text_column=tc, label_column=lc)
         ids = _ids(ev_data, data)
         label = f"data {Path(data).name}"
-    items = [ev_data.inputs[i] for i in rows]
-    logits = torch.from_numpy(model.logits(items))
+    items = Rows(ev_data.inputs, rows)  # images are decoded per chunk, never all at once
+    logits = torch.from_numpy(_export_logits(model, items))
     val_logits = val_y = None
     if calibration is None and calibrate and td is not None and split != "val":
         vrows = np.sort(td.splits.val)
-        val_logits = torch.from_numpy(model.logits([td.data.inputs[i] for i in vrows]))
+        val_logits = torch.from_numpy(_export_logits(model, Rows(td.data.inputs, vrows)))
         val_y = torch.from_numpy(td.data.labels[vrows])
     access = _export_access(folder, model, items) if explain > 0 else None
     out = Path(out) if out is not None else Path("evaluation") / f"{folder.name}-{label.replace(' ', '-')}"
@@ -281,7 +284,16 @@ def evaluate_export(folder: str | Path, *, task=None, split: str = "test", data:
     return ev
 
 
-def _export_access(folder: Path, model, items: list) -> ModelAccess | None:
+def _export_logits(model, items, chunk: int = 256) -> np.ndarray:
+    """The exported model's logits for ``items``: texts in one call (its length bucketing), images a chunk
+    of decoded images at a time."""
+    if model.modality == "text":
+        return model.logits(list(items))
+    parts = [model.logits([items[j] for j in range(i, min(i + chunk, len(items)))]) for i in range(0, len(items), chunk)]
+    return np.concatenate(parts) if parts else model.logits([])
+
+
+def _export_access(folder: Path, model, items) -> ModelAccess | None:
     try:
         from autoft.export.export import rebuild_model
 
