@@ -58,6 +58,10 @@ class SearchResult:
     timeout_mode: str = "command"  # command: the timeout bounds the whole search; trials: no new trial after it
     stopped_by_deadline: list[int] = field(default_factory=list)  # trials of this run the deadline stopped
     final_check_skipped: str | None = None  # why the final check (or the export) did not run in the time budget
+    # the finalists (autoft.study.finalists): the study's ``finalists`` record when they ran, else None;
+    # best_trial is then the configuration with the best mean, and the single-seed best is recorded there
+    finalists: dict | None = None
+    finalists_skipped: str | None = None  # why the finalists' re-runs did not run in the time budget
 
     @property
     def best_value(self) -> float | None:
@@ -157,7 +161,8 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
            device: str | None = None, rank: bool = True, final_check: bool = True,
            export: str | Path | None = None, track: str | None = None,
            callbacks: list[Callback] | tuple[Callback, ...] = (), task_data=None,
-           started: float | None = None, evaluate: bool = True) -> SearchResult:
+           started: float | None = None, evaluate: bool = True, finalists: int | None = None,
+           finalist_seeds: int | None = None, finalist_mode: str | None = None) -> SearchResult:
     """Run (or resume) a search on ``task`` (a name, a task file, or a :class:`~autoft.task.Task`).
 
     Mirrors ``autoft search``: ``overrides`` is ``--set`` (``{"lr": 1e-3}``), ``rank=False`` is
@@ -174,6 +179,11 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     new trial starts after ``timeout`` seconds; a running trial and the final check run to their end.
     ``started``: the :func:`time.monotonic` at which the budget starts counting (the CLI passes the
     start of the command, so that its imports count too); default: this call.
+
+    ``finalists`` (default: the task's ``budget.finalists``, 3; 0 turns them off): before the final check
+    the best distinct completed configurations are re-run with ``finalist_seeds`` seeds (the trial's own
+    and more; default 3) or, with ``finalist_mode="cv"``, on that many folds of train+validation, and the
+    winner is the one with the best mean (:mod:`autoft.study.finalists`; ``result.finalists``).
 
     Raises :class:`NoTrialCompleted` when trials ran and every one failed; an interrupted search
     (Ctrl-C) returns with ``interrupted=True`` and what had finished.
@@ -195,8 +205,14 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
         raise ConfigError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}", field="--backend")
     task = task if isinstance(task, Task) else load_task(task)
     timeout = timeout if timeout is not None else task.budget.timeout
-    clock = TimeBudget(timeout, timeout_mode or task.budget.timeout_mode, started=t0,
-                       final_check=final_check, export=export is not None)
+    from autoft.study.finalists import FinalistsSpec
+
+    fspec = FinalistsSpec(task.budget.finalists if finalists is None else finalists,
+                          task.budget.finalist_seeds if finalist_seeds is None else finalist_seeds,
+                          finalist_mode or task.budget.finalist_mode)
+    clock = (_budget_with_finalists(fspec) if fspec.enabled else TimeBudget)(
+        timeout, timeout_mode or task.budget.timeout_mode, started=t0, final_check=final_check,
+        export=export is not None)
     execution = Execution(device=resolve_device(device or task.device), n_jobs=n_jobs, address=address,
                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                           max_concurrent=max_concurrent)
@@ -230,6 +246,19 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)
     bt = best_trial(study)
+    fin = None
+    if bt is not None and not interrupted and fspec.enabled:
+        from autoft.study.finalists import notifier, run_finalists
+
+        t_fin = time.monotonic()  # re-run the best configurations; the winner is the best mean
+        fin = run_finalists(study, task_data, fspec, cache=cache, clock=clock, single=bt,
+                            notify=notifier(events.callbacks))
+        if fin is not None:
+            if not fin.skipped or fin.events:  # a phase of the time line only when something ran
+                clock.add("finalists", time.monotonic() - t_fin)
+            if fin.skipped:
+                log.warning(fin.skipped)
+            bt = fin.chosen
     test_metrics, export_dir, winner = None, None, None  # winner: the refit (FineTuneResult or ExportResult)
     cfg = trial_config(bt, "the final check is skipped") if bt is not None and not interrupted else None
     skipped = None
@@ -269,7 +298,9 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
                           export_dir=export_dir, interrupted=interrupted,
                           budget_taken=budget_taken, seconds=clock.elapsed(), timings=clock.timings(),
                           timeout=timeout, timeout_mode=clock.mode,
-                          stopped_by_deadline=sorted(int(k) for k in clock.stopped), final_check_skipped=skipped)
+                          stopped_by_deadline=sorted(int(k) for k in clock.stopped), final_check_skipped=skipped,
+                          finalists=fin.record if fin is not None else None,
+                          finalists_skipped=fin.skipped if fin is not None else None)
     events.emit(SearchEnded(task=task.name, study=req.study_name, best_number=None if bt is None else bt.number,
                             best_value=None if bt is None else bt.value, best_config=result.best_config,
                             counts=counts, test_metrics=test_metrics, results_dir=req.study_dir,
@@ -281,6 +312,20 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
         raise NoTrialCompleted(f"every trial of study '{req.study_name}' failed{reason} (results: {req.study_dir})",
                                result)
     return result
+
+
+def _budget_with_finalists(spec):
+    """The command's :class:`~autoft.engines.base.TimeBudget` that also keeps the finalists' re-runs
+    (estimated from the best trial so far, at most a quarter of the budget) out of the trials' time."""
+    from autoft.engines.base import TimeBudget
+    from autoft.study.finalists import reserve_seconds
+
+    class FinalistsBudget(TimeBudget):
+        def reserve(self, winner_seconds) -> None:
+            super().reserve(winner_seconds)
+            self.reserved += reserve_seconds(spec, winner_seconds, self.timeout)
+
+    return FinalistsBudget
 
 
 def _evaluate_winner(winner, task, task_data, study_dir: Path, cache, trial: int) -> None:

@@ -98,9 +98,11 @@ def cmd_search(args) -> int:
                    extend=args.extend,
                    backend=args.backend, address=args.address, cpus_per_trial=args.cpus_per_trial,
                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, rank=not args.no_rank,
-                   final_check=not args.no_final_check, export=args.export, track=args.track, callbacks=[view],
+                   final_check=not args.no_final_check, export=args.export, track=args.track,
+                   callbacks=[view, _FinalistLines(console)],
                    started=getattr(args, "started", None),  # the time budget counts the whole command
-                   evaluate=not args.no_evaluate)
+                   evaluate=not args.no_evaluate, finalists=args.finalists,
+                   finalist_seeds=args.finalist_seeds, finalist_mode=args.finalist_mode)
     except NoTrialCompleted as exc:
         view.close()
         console.print(time_summary(exc.result), soft_wrap=True)
@@ -113,6 +115,7 @@ def cmd_search(args) -> int:
         from rich.markup import escape
 
         console.print(f"[yellow]{escape(r.final_check_skipped)}[/]", soft_wrap=True)
+    _print_finalists(console, r)
     _summary(console, r)
     if r.budget_taken:
         console.print(f"the budget was taken by another process: other processes hold the budget of study "
@@ -123,6 +126,31 @@ def cmd_search(args) -> int:
         console.print("[yellow]interrupted[/]: finished trials are kept; run the same command to resume")
         return EXIT_INTERRUPTED
     return 0
+
+
+class _FinalistLines:
+    """Prints each finalist re-run as it ends (a search callback; autoft.study.finalists.FinalistRun)."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def on_finalist(self, e) -> None:
+        if e.score is not None or e.error:
+            from rich.markup import escape
+
+            self.console.print(escape(e.line()), soft_wrap=True)
+
+
+def _print_finalists(console, r) -> None:
+    from rich.markup import escape
+
+    if r.finalists_skipped:
+        console.print(f"[yellow]{escape(r.finalists_skipped)}[/]", soft_wrap=True)
+    if r.finalists:
+        from autoft.results.finalists import finalists_lines
+
+        for line in finalists_lines(r.finalists):
+            console.print(escape(line), soft_wrap=True)
 
 
 def _summary(console, r) -> None:
@@ -263,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, default=None)
     s.add_argument("--export", metavar="DIR", help="export the winner to DIR (its refit is the final check)")
     s.add_argument("--track", metavar="URI", help="record the search in MLflow at URI (default: the task's 'track')")
+    s.add_argument("--finalists", type=int, metavar="K",
+                   help="re-run the K best distinct configurations before choosing the winner by their mean "
+                        "(0: off; default: the task's budget.finalists, 3)")
+    s.add_argument("--finalist-seeds", type=int, metavar="S",
+                   help="seeds per finalist: its own + S-1 more, or S folds with --finalist-mode cv (default 3)")
+    s.add_argument("--finalist-mode", choices=["seeds", "cv"],
+                   help="seeds (default): re-run with more seeds; cv: folds of train+validation (small data)")
     s.set_defaults(func=cmd_search)
 
     r = sub.add_parser("report", help="(re)write results files of a study")

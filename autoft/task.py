@@ -98,6 +98,11 @@ class BudgetSpec(_Model):
         "command: the timeout bounds the whole search command (ranking, trials, final check); "
         "trials: no new trial starts after it (a running trial and the final check run to their end)"))
     max_epochs: int = Field(8, ge=1)
+    # the finalists (autoft.study.finalists): the top configurations re-run before the winner is chosen by the mean
+    finalists: int = Field(3, ge=0, description="distinct configurations re-run before choosing (0: off)")
+    finalist_seeds: int = Field(3, ge=0, description="seeds per finalist (its own + the rest; cv: folds)")
+    finalist_mode: Literal["seeds", "cv"] = Field("seeds", description=(
+        "seeds: re-run with more seeds; cv: stratified folds of train+validation (small data)"))
 
 
 class Task(_Model):

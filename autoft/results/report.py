@@ -4,7 +4,9 @@
   seconds, fail_reason, datetime_start, origin, then ``cfg_*`` (the full config) and ``val_*`` (metrics);
 * ``leaderboard.csv`` — one row per backbone (with its LogME score and rank when the study was ranked);
 * ``best.yaml`` — the winning configuration, its validation metrics and (after the final check)
-  its test metrics;
+  its test metrics; with finalists, the winner is the configuration with the best mean and its
+  ``finalists`` section says by how much;
+* ``finalists.csv`` — the finalists' per-seed scores, means and 95 % t-intervals (autoft.results.finalists);
 * ``plots/*.png`` — optimisation history, best score per backbone, learning curves, importances.
 """
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 import optuna
 
 from autoft.study.record import ATTR_RANKING
+from autoft.results.finalists import current_record, finalists_section, write_finalists
 from autoft.results.plots import write_plots
 from autoft.results.tables import (atomic_path, best_document, best_trial, leaderboard, trials_table,
                                    write_yaml)
+from autoft.study.finalists import chosen_trial
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +52,19 @@ def write_report(study: optuna.Study, task, folder: Path, *, test_metrics: dict 
     lb = leaderboard(df, task.direction, study.user_attrs.get(ATTR_RANKING))
     _write_csv(lb, folder / "leaderboard.csv")
     rep.files += [folder / "trials.csv", folder / "leaderboard.csv"]
-    bt = best_trial(study)
+    # the finalists' choice (best mean) when it stands, else the single-seed best; a multi-objective study
+    # (no finalists): the most accurate member of its Pareto set
+    bt = chosen_trial(study) or best_trial(study)
     if bt is not None:
         if test_metrics is None and (folder / "best.yaml").is_file():
             test_metrics = _previous_test_metrics(folder / "best.yaml", bt.number)
         rep.best = best_document(study, task, bt, test_metrics, space_file)
+        fin = current_record(study)
+        if fin is not None:
+            rep.best["finalists"] = finalists_section(fin)
         write_yaml(folder / "best.yaml", rep.best)
         rep.files.append(folder / "best.yaml")
+    rep.files += [p for p in [write_finalists(study, folder)] if p is not None]
     if plots and not df.empty:
         try:
             rep.files += write_plots(study, df, lb, task.metric, task.direction, folder / "plots")

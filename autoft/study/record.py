@@ -27,7 +27,9 @@ Trial user attributes
 ========================  ====================================================================
 
 Study user attributes: ``ranking`` (the backbone ranking before the search), ``first_trials`` (the
-configurations a Ray sweep started with), ``engine`` (``ray`` when Ray ran the trials).
+configurations a Ray sweep started with), ``engine`` (``ray`` when Ray ran the trials), ``finalists``
+(the top configurations re-run over several seeds or folds, their per-seed scores, means and 95 %
+t-intervals, and the winner chosen by the mean: :mod:`autoft.study.finalists`).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ ATTR_RAY_TRIAL = "ray_trial_id"
 ATTR_RANKING = "ranking"
 ATTR_FIRST_TRIALS = "first_trials"
 ATTR_ENGINE = "engine"
+ATTR_FINALISTS = "finalists"  # the finalists' re-runs and the winner chosen by their mean (autoft.study.finalists)
 
 # the attributes of one run of a trial; a retry starts without them (see RetryStaleTrial)
 RUN_BOOKKEEPING = (ATTR_WORKER, ATTR_FAIL, ATTR_INTERRUPTED)
