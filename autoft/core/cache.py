@@ -62,10 +62,21 @@ def trim_text(state: State) -> State:
     """Drop padding columns that no example in this batch uses (exact under the attention mask)."""
     mask = text_mask(state)
     if mask is not None:
+        if mask.dtype == torch.int32:  # token ids cached as int32 (FeatureCache.tokens): int64, as tokenized
+            state = tuple(s.long() if s.dtype == torch.int32 else s for s in state)
         longest = max(int(mask.sum(1).max()), 1)
         if longest < mask.shape[1]:
             return tuple(s[:, :longest] for s in state)
     return state
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"
 
 
 # -- weights fingerprints -------------------------------------------------------------------------
@@ -322,12 +333,60 @@ class FeatureCache:
 
     # -- encoded inputs --------------------------------------------------------------------
     def encoded(self, data: LabelledData, pre: Preprocessing) -> tuple[State, str]:
-        """The whole dataset encoded for ``pre``, and a digest of those tensors."""
+        """The whole dataset encoded for ``pre``, and a digest of those tensors.
+
+        Text with a disk cache: the token ids and attention mask are tokenized once, written to the cache
+        folder as an int32 ``.npy`` and memory-mapped (:meth:`tokens`); other processes and later runs
+        sharing the folder map the same file without calling the tokenizer."""
         key = (data.fingerprint(), pre.key())
         if key not in self._encoded:
-            state = encode(data.inputs, pre)
+            if pre.modality == "text" and self.disk is not None and self.disk.enabled:
+                state = self.tokens(data, pre)
+            else:
+                state = encode(data.inputs, pre)
             self._encoded[key] = (state, state_digest(state))
         return self._encoded[key]
+
+    def tokens(self, data: LabelledData, pre: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, mask)`` of every text of ``data``, int32 views of one memory-mapped ``(N, 2, L)`` file in
+        the cache folder (``arrays/<40 hex>.npy`` + its key, the :class:`ArrayStore` rules), tokenized only
+        when the file is not there.  Batches are widened back to int64 by :func:`trim_text`."""
+        import warnings
+
+        import numpy as np
+
+        parts = {"format": FORMAT_VERSION, "kind": "tokens", "data": data.fingerprint(),
+                 "preprocessing": pre.key(), "transformers": _version("transformers"),
+                 "tokenizers": _version("tokenizers")}
+        key = repr(sorted(parts.items()))
+        store = self._array_store()
+        arr = store.get_array(key)
+        if arr is not None:
+            log.info("token ids of %d texts memory-mapped from %s", len(arr), arr.path)
+        else:
+            t0 = time.perf_counter()
+            ids, mask = encode(data.inputs, pre)
+            if len(ids) and int(ids.max()) > np.iinfo(np.int32).max:  # no real vocabulary is this large
+                return ids, mask
+            path = store.path(key)
+            writer = _ArrayWriter(path, len(ids), "int32")
+            try:
+                writer.write(torch.stack([ids, mask.to(ids.dtype)], 1))
+                writer.close()
+                arr = store.commit(key, path)
+            except OSError as exc:  # a folder that cannot be written: keep them in memory
+                writer.abort()
+                log.warning("token ids not cached in %s (%s); kept in memory", store.folder, exc)
+                return ids, mask
+            except BaseException:
+                writer.abort()
+                raise
+            log.info("tokenized %d texts in %.2fs; token ids cached in %s (%.1f MB)", len(ids),
+                     time.perf_counter() - t0, path, arr.nbytes / 1e6)
+        with warnings.catch_warnings():  # read-only mapping: nothing writes into these tensors
+            warnings.simplefilter("ignore", UserWarning)
+            both = torch.from_numpy(arr.memmap())
+        return both[:, 0], both[:, 1]
 
     # -- frozen prefix ---------------------------------------------------------------------
     def prefix_key(self, backbone: Backbone, digest: str, split: int, rows: torch.Tensor | None = None,
@@ -428,10 +487,7 @@ class FeatureCache:
                 raise
             finally:
                 backbone.train(was_training)
-            path.with_suffix(".key").write_text(key, encoding="utf-8")
-            store.writes += 1
-            store.evict(keep=path)
-            arr = DiskArray(path)
+            arr = store.commit(key, path)
             log.info("feature cache: %s split %d streamed for %d examples in %.2fs (%.1f MB on disk)", backbone.name,
                      split, len(rows), time.perf_counter() - t0, arr.nbytes / 1e6)
         self._arrays[key] = arr
@@ -629,6 +685,13 @@ class ArrayStore(DiskCache):
             return None
         self.reads += 1
         return arr
+
+    def commit(self, key: str, path: Path) -> DiskArray:
+        """Record the key of the entry just written to ``path`` (atomically, by its writer), then evict."""
+        path.with_suffix(".key").write_text(key, encoding="utf-8")
+        self.writes += 1
+        self.evict(keep=path)
+        return DiskArray(path)
 
     def evict(self, keep: Path | None = None) -> int:
         removed = super().evict(keep)
