@@ -28,6 +28,14 @@ class TrialConfig(BaseModel):
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming up linearly")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss: Literal["ce", "weighted", "focal"] = Field(
+        "ce", description="training loss (training-only; prediction is unchanged), autoft.core.losses: ce = cross "
+        "entropy; weighted = cross entropy with class weights w_c = C * (1/n_c) / sum_k(1/n_k) from the class "
+        "counts n_c of the rows trained on (the training split; mean weight over classes 1); focal = focal loss "
+        "(Lin et al. 2017) (1 - p_true)^focal_gamma * cross entropy, without class weights. label_smoothing "
+        "applies to all three")
+    focal_gamma: float = Field(2.0, ge=0, le=10, description="focusing parameter of loss=focal (0 = cross entropy); "
+                               "ignored by the other losses")
     augment: Literal["none", "light", "strong"] = Field(
         "none", description="training augmentation of images: light = RandomResizedCrop + horizontal flip, "
         "strong = light + TrivialAugmentWide; none keeps the frozen prefix cacheable (exact)")

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from autoft.core import gpu as _gpu
 from autoft.core.cache import FeatureCache, trim_text
 from autoft.core.config import TrialConfig
+from autoft.core.losses import build_criterion
 from autoft.core.metrics import MINIMIZE, compute_metrics
 from autoft.core.model import Classifier, build_head
 from autoft.core.precision import autocast, channels_last, configure_backends, grad_scaler, resolve_precision
@@ -357,6 +357,7 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
         opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     labels = torch.from_numpy(task.data.labels)
+    criterion = build_criterion(cfg, labels[train_idx], task.data.num_classes, device)  # class weights: trained rows only
     steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -383,7 +384,7 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
                 try:
                     with autocast(device, precision):
                         logits = model.forward_from(xb, start)
-                        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                        loss = criterion(logits, yb)
                     if not torch.isfinite(loss):
                         raise TrialFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
                                           f"(lr={cfg.lr:g}, head lr={cfg.head_lr:g}); the run was stopped. "
