@@ -65,7 +65,9 @@ class SearchResult:
 
     @property
     def best_value(self) -> float | None:
-        return None if self.best_trial is None else self.best_trial.value
+        from autoft.study.record import metric_value
+
+        return None if self.best_trial is None else metric_value(self.best_trial)
 
     @property
     def best_config(self) -> dict[str, Any] | None:
@@ -85,6 +87,12 @@ class SearchResult:
         from autoft.study.record import ATTR_RANKING
 
         return leaderboard(self.trials(), self.task.direction, self.study.user_attrs.get(ATTR_RANKING))
+
+    def pareto(self) -> pd.DataFrame:
+        """The Pareto set of validation metric vs model latency, fastest first (``pareto.csv``)."""
+        from autoft.results.pareto import latency_column, pareto_table
+
+        return pareto_table(self.trials(), self.task.metric, self.task.direction, latency_column(self.study))
 
 
 def validate_budget_options(*, n_trials=None, timeout=None, n_jobs=None, threads=None, timeout_mode=None) -> None:
@@ -159,7 +167,7 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
            pruner: str | None = None, extend: bool = False, backend: str = "optuna", address: str | None = None,
            cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
            device: str | None = None, rank: bool = True, final_check: bool = True,
-           export: str | Path | None = None, track: str | None = None,
+           export: str | Path | None = None, track: str | None = None, objectives: str | list[str] | None = None,
            callbacks: list[Callback] | tuple[Callback, ...] = (), task_data=None,
            started: float | None = None, evaluate: bool = True, finalists: int | None = None,
            finalist_seeds: int | None = None, finalist_mode: str | None = None) -> SearchResult:
@@ -184,6 +192,11 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     the best distinct completed configurations are re-run with ``finalist_seeds`` seeds (the trial's own
     and more; default 3) or, with ``finalist_mode="cv"``, on that many folds of train+validation, and the
     winner is the one with the best mean (:mod:`autoft.study.finalists`; ``result.finalists``).
+
+    ``objectives`` (default: the task's ``objectives``, else the metric alone): ``"accuracy,latency"`` runs a
+    multi-objective study of the task's metric and the model's CPU latency at batch 1 (``latency_cpu_b64``,
+    ``latency_gpu_b1``, ``latency_gpu_b64``: the others); its trials are not pruned (Optuna cannot), the
+    final check and the export take the most accurate member of the Pareto set (``result.pareto()``).
 
     Raises :class:`NoTrialCompleted` when trials ran and every one failed; an interrupted search
     (Ctrl-C) returns with ``interrupted=True`` and what had finished.
@@ -218,7 +231,8 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
                           max_concurrent=max_concurrent)
     req = build_request(task, space_path=str(space) if space else None, overrides=overrides, backbones=backbones,
                         study_name=study_name, results_dir=Path(results_dir), storage=storage, n_trials=n_trials,
-                        timeout=timeout, pruner=pruner, extend=extend, execution=execution, time_budget=clock)
+                        timeout=timeout, pruner=pruner, extend=extend, execution=execution, time_budget=clock,
+                        objectives=objectives)
     if export is not None:  # refuse a bad target now, not after the search
         from autoft.export.export import _check_target
 
@@ -302,7 +316,7 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
                           finalists=fin.record if fin is not None else None,
                           finalists_skipped=fin.skipped if fin is not None else None)
     events.emit(SearchEnded(task=task.name, study=req.study_name, best_number=None if bt is None else bt.number,
-                            best_value=None if bt is None else bt.value, best_config=result.best_config,
+                            best_value=result.best_value, best_config=result.best_config,
                             counts=counts, test_metrics=test_metrics, results_dir=req.study_dir,
                             files=tuple(rep.files), ranking=tuple(study.user_attrs.get(ATTR_RANKING) or ()),
                             export_dir=export_dir, interrupted=interrupted, timings=dict(result.timings)))

@@ -95,7 +95,7 @@ def cmd_search(args) -> int:
                    backbones=args.backbones.split(",") if args.backbones else None, study_name=args.study_name,
                    results_dir=Path(args.results_dir), storage=args.storage, n_trials=args.n_trials,
                    timeout=args.timeout, timeout_mode=args.timeout_mode, n_jobs=args.n_jobs, pruner=args.pruner,
-                   extend=args.extend,
+                   extend=args.extend, objectives=args.objectives,
                    backend=args.backend, address=args.address, cpus_per_trial=args.cpus_per_trial,
                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, rank=not args.no_rank,
                    final_check=not args.no_final_check, export=args.export, track=args.track,
@@ -174,9 +174,31 @@ def _summary(console, r) -> None:
         console.print("test (held out, scored once): " + " · ".join(
             f"{m} [bold]{r.test_metrics[m]:.4f}[/]" if m == metric else f"{m} {r.test_metrics[m]:.4f}"
             for m in shown if m in r.test_metrics))
+    _print_pareto(console, r)
     if r.export_dir is not None:
         console.print(f"exported the winner to {r.export_dir}")
     console.print(f"results: {r.results_dir}" + (f" ({', '.join(p.name for p in r.files)})" if r.files else ""))
+
+
+def _print_pareto(console, r) -> None:
+    """The Pareto set of metric vs latency: every member of a multi-objective study, else one line."""
+    try:
+        front = r.pareto()
+    except Exception as exc:  # noqa: BLE001 - the summary must not cost the user the search
+        log.debug("no Pareto set: %s", exc)
+        return
+    if front.empty:
+        return
+    if len(r.study.directions) > 1:
+        from autoft.results.pareto import LATENCY_LABELS, latency_column
+
+        lat = latency_column(r.study)
+        _print_table(console, front, f"Pareto set: validation {r.task.metric} vs {LATENCY_LABELS.get(lat, lat)}")
+        console.print("the winner below is its most accurate member; export another with 'autoft export --trial N'")
+    else:
+        console.print(f"Pareto set of {r.task.metric} vs CPU latency (batch 1): trials "
+                      + ", ".join(f"#{int(n)} ({lat:.2f} ms)" for n, lat in zip(front.number, front.latency_cpu_b1_ms))
+                      + " (pareto.csv)")
 
 
 def cmd_report(args) -> int:
@@ -206,7 +228,7 @@ def cmd_show(args) -> int:
     if not df.empty:
         done = df[df.state == "complete"].sort_values("score", ascending=task.direction != "maximize")
         cols = [c for c in ["number", "score", "backbone", "unfreeze", "cfg_lr", "cfg_head", "cfg_optimizer",
-                            "cfg_batch_size", "epochs_run", "seconds"] if c in done.columns]
+                            "cfg_batch_size", "epochs_run", "seconds", "latency_cpu_b1_ms"] if c in done.columns]
         _print_table(console, done[cols], f"Top {min(args.top, len(done))} trials", args.top)
     return 0
 
@@ -278,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to their end). Default: the task's budget.timeout_mode")
     s.add_argument("--n-jobs", type=int, default=1, help="parallel trials in this process (threads)")
     s.add_argument("--pruner", choices=["hyperband", "median", "successive_halving", "none"])
+    s.add_argument("--objectives", metavar="LIST",
+                   help="accuracy (default: the task's metric alone) or accuracy,latency: a multi-objective study "
+                        "of the metric and the model's CPU latency at batch 1 (latency_cpu_b64, latency_gpu_b1, "
+                        "latency_gpu_b64 name the others); its trials are not pruned; the final check and --export "
+                        "take the most accurate member of the Pareto set. Default: the task's objectives")
     s.add_argument("--extend", action="store_true", help="add --n-trials more trials to a finished study")
     s.add_argument("--no-final-check", action="store_true", help="skip scoring the winner on the test split")
     s.add_argument("--no-evaluate", action="store_true",

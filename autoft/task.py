@@ -122,6 +122,10 @@ class Task(_Model):
     description: str = ""
     fairness: FairnessSpec | None = None  # the group attribute of the evaluation's fairness section
     track: str | None = Field(None, description="MLflow tracking URI: every search of this task is recorded there")
+    objectives: list[str] | None = Field(None, description=(
+        "accuracy (the task's metric alone, the default) or accuracy,latency: a multi-objective search of the "
+        "metric and the model's CPU latency at batch 1 (latency_cpu_b64, latency_gpu_b1, latency_gpu_b64: the "
+        "others); --objectives overrides it"))
 
     # where the file was read from (not a field of the file)
     _file: Path | None = None
@@ -132,6 +136,11 @@ class Task(_Model):
         if v not in METRICS:
             raise ValueError(f"unknown metric '{v}'{did_you_mean(v, METRICS)}; expected one of {sorted(METRICS)}")
         return v
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objectives(cls, v):
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
 
     @field_validator("device")
     @classmethod

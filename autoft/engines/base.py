@@ -42,6 +42,39 @@ class Execution:
 
 
 TIMEOUT_MODES = ("command", "trials")
+# --objectives: the task's metric first (named "accuracy" whatever the metric is, or by its own name), then
+# optionally one latency figure of the trial's model to minimise (autoft.core.latency), by its user attribute
+METRIC_OBJECTIVE = "accuracy"
+LATENCY_OBJECTIVES = {"latency": "latency_cpu_b1_ms", "latency_cpu_b1": "latency_cpu_b1_ms",
+                      "latency_cpu_b64": "latency_cpu_b64_ms", "latency_gpu_b1": "latency_gpu_b1_ms",
+                      "latency_gpu_b64": "latency_gpu_b64_ms"}
+
+
+def parse_objectives(value, task: Task, field: str = "--objectives") -> tuple[str, ...] | None:
+    """``"accuracy,latency"`` (or a list) → ``(task.metric, "latency_cpu_b1_ms")``: the task's metric,
+    then the latency attribute to minimise; ``"accuracy"`` alone → ``(task.metric,)``; None/empty → None.
+    ``latency`` is the CPU latency at batch 1; ``latency_cpu_b64``, ``latency_gpu_b1``, ``latency_gpu_b64``
+    name the others. A :class:`~autoft.errors.ConfigError` names ``field`` (and the task file for its field)."""
+    from autoft.errors import ConfigError, did_you_mean
+
+    if value is None:
+        return None
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    if not names:
+        return None
+    file = task.file if field == "objectives" else None
+    known = [METRIC_OBJECTIVE, task.metric, *LATENCY_OBJECTIVES]
+    for n in names:
+        if n not in known:
+            raise ConfigError(f"unknown objective '{n}'{did_you_mean(n, known)}; expected '{METRIC_OBJECTIVE}' "
+                              f"(the task's metric, {task.metric}), optionally followed by one of "
+                              f"{', '.join(LATENCY_OBJECTIVES)} (e.g. accuracy,latency)", file=file, field=field)
+    if names[0] not in (METRIC_OBJECTIVE, task.metric) or len(names) > 2 or \
+            (len(names) == 2 and names[1] not in LATENCY_OBJECTIVES):
+        raise ConfigError(f"expected the task's metric ('{METRIC_OBJECTIVE}' or '{task.metric}') first, then at "
+                          f"most one latency objective, e.g. accuracy,latency; got {','.join(names)}",
+                          file=file, field=field)
+    return (task.metric,) if len(names) == 1 else (task.metric, LATENCY_OBJECTIVES[names[1]])
 STOPPED_BY_BUDGET = "time budget"  # the ``stopped_by`` attribute of a trial the deadline stopped
 
 
@@ -203,6 +236,9 @@ class SearchRequest:
     execution: Execution = field(default_factory=Execution)
     # the command's clock and deadline; None: ``timeout`` means "no new trial after" (as before)
     time_budget: TimeBudget | None = field(default=None, repr=False)
+    # (metric,) or (metric, latency attribute) (parse_objectives); None: an existing study's own, else the
+    # metric alone. The engine sets it to what the study holds once it is open.
+    objectives: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self.results_dir = Path(self.results_dir)
@@ -245,7 +281,23 @@ class SearchRequest:
         return self.n_trials if self.n_trials is not None else self.task.budget.n_trials
 
     @property
+    def multi_objective(self) -> bool:
+        """The metric and a latency figure: a multi-objective study (Optuna cannot prune its trials)."""
+        return self.objectives is not None and len(self.objectives) > 1
+
+    @property
+    def latency_objective(self) -> str | None:
+        """The latency attribute minimised as the second objective, or None."""
+        return self.objectives[1] if self.multi_objective else None
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.task.direction, "minimize"] if self.multi_objective else [self.task.direction]
+
+    @property
     def pruner_name(self) -> str:
+        if self.multi_objective:  # Trial.report/should_prune raise in a multi-objective Optuna study
+            return "none"
         return self.pruner or self.task.pruner
 
     def pruner_spec(self, n_train: int | None) -> PrunerSpec:
@@ -277,7 +329,10 @@ def build_request(task: Task, *, space_path: str | None = None, overrides: dict 
     if ov:
         space = space.with_overrides(ov)
     fixed = {"seed": task.seed}
-    return SearchRequest(task=task, space=space, fixed=fixed, **kwargs)
+    given = kwargs.pop("objectives", None)
+    objectives = parse_objectives(given, task) if given is not None else \
+        parse_objectives(getattr(task, "objectives", None), task, field="objectives")
+    return SearchRequest(task=task, space=space, fixed=fixed, objectives=objectives, **kwargs)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -316,6 +371,8 @@ def search_started(req: SearchRequest, engine: str, task_data, resumed: int, n_t
     return SearchStarted(task=req.task.name, study=req.study_name, engine=engine, budget=req.budget,
                          metric=req.task.metric, direction=req.task.direction, storage=req.shown_storage,
                          backbones=tuple(req.space.backbones), device=req.execution.device, resumed=resumed,
-                         extend=req.extend, timeout=req.timeout, pruner=req.pruner_spec(n_train).describe(),
+                         extend=req.extend, timeout=req.timeout,
+                         pruner=req.pruner_spec(n_train).describe() + (
+                             " (multi-objective: Optuna cannot prune its trials)" if req.multi_objective else ""),
                          examples=len(task_data.data), classes=task_data.data.num_classes,
                          sizes=task_data.splits.sizes())

@@ -43,6 +43,9 @@ class OptunaReporter:
 
     def __init__(self, trial: optuna.Trial, events: Events | None = None, budget: TimeBudget | None = None):
         self.trial = trial
+        # a multi-objective study: Optuna refuses Trial.report and should_prune (NotImplementedError), so the
+        # epochs are not reported to it (their scores stay in the ``history`` attribute) and nothing is pruned
+        self.multi_objective = len(trial.study.directions) > 1
         self.events = events
         self.budget = budget if budget is not None and budget.limited else None
         self.pruned_at: int | None = None
@@ -55,10 +58,11 @@ class OptunaReporter:
     def report(self, step: int, value: float, metrics: dict[str, float]) -> bool:
         now = time.monotonic()
         epoch_seconds, self._last = now - self._last, now
-        self.trial.report(value, step)
+        if not self.multi_objective:
+            self.trial.report(value, step)
         if self.events:
             self.events.emit(EpochReported(str(self.trial.number), int(step), float(value), dict(metrics)))
-        if self.trial.should_prune():
+        if not self.multi_objective and self.trial.should_prune():
             self.pruned_at = step
             return True
         if self.budget is not None and not self.budget.next_epoch_fits(epoch_seconds):
@@ -105,13 +109,50 @@ def create_study(req: SearchRequest, storage=None, n_train: int | None = None) -
 
     pruner = req.pruner_spec(n_train).optuna()
     storage = storage or open_storage(req.storage_url)
+    # an existing study loads with the directions it was created with, whatever is passed here
+    goal = {"directions": req.directions} if req.multi_objective else {"direction": req.task.direction}
     study = _retrying(lambda: optuna.create_study(study_name=req.study_name, storage=storage,
                                                   sampler=sampler(req.task.seed), pruner=pruner,
-                                                  direction=req.task.direction, load_if_exists=True))
+                                                  load_if_exists=True, **goal))
+    resolve_objectives(req, study)
+    if req.multi_objective:
+        study.pruner = optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
     finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     if finished:  # a resumed or extended study: a sampler seeded as the first run would propose its trials again
         study.sampler = sampler(sampler_seed(req.task.seed, finished))
     return study
+
+
+def resolve_objectives(req: SearchRequest, study: optuna.Study) -> tuple[str, ...]:
+    """The objectives ``study`` holds; a new multi-objective study records them (``objectives``). A request
+    that names other objectives than an existing study's is a :class:`ConfigError` (a study keeps its
+    objectives); one that names none takes the study's. Sets ``req.objectives``."""
+    from autoft.errors import ConfigError
+    from autoft.study.record import ATTR_LATENCY_CPU_B1, ATTR_OBJECTIVES
+
+    metric = req.task.metric
+    if len(study.directions) == 1:
+        have: tuple[str, ...] = (metric,)
+    else:
+        recorded = study.user_attrs.get(ATTR_OBJECTIVES)
+        if recorded is None and req.multi_objective:
+            study.set_user_attr(ATTR_OBJECTIVES, list(req.objectives))  # new (or written by an older autoft)
+            recorded = list(req.objectives)
+        ok = isinstance(recorded, list) and len(recorded) == 2 and all(isinstance(v, str) for v in recorded)
+        have = (metric, recorded[1]) if ok else (metric, ATTR_LATENCY_CPU_B1)
+    if req.objectives is not None and tuple(req.objectives) != have:
+        raise ConfigError(f"study '{req.study_name}' optimises {describe_objectives(have)}, not "
+                          f"{describe_objectives(req.objectives)}: a study keeps the objectives it was created "
+                          "with; use another --study-name", field="--objectives")
+    req.objectives = have
+    return have
+
+
+def describe_objectives(objectives) -> str:
+    """``("accuracy", "latency_cpu_b1_ms")`` → ``accuracy (maximised) and latency_cpu_b1_ms (minimised)``."""
+    if len(objectives) == 1:
+        return f"{objectives[0]} alone"
+    return f"{objectives[0]} and {objectives[1]} (minimised)"
 
 
 def sampler_seed(task_seed: int, finished: int) -> int:
@@ -199,6 +240,9 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
             reporter = OptunaReporter(trial, events, req.time_budget)
             with packing.run(cfg, cache, task_data.data, reporter) if packing is not None else nullcontext():
                 result = fine_tune_and_score(cfg, task_data, reporter, cache=cache)
+            stopped = reporter.pruned_at is not None and result.stopped_early
+            # a completed trial's model: latency and size (once per architecture in this process)
+            latency = None if stopped else trial_latency(cfg, task_data, cache, required=reporter.multi_objective)
         except KeyboardInterrupt:
             _set_attrs(trial, {**failure_attrs("Interrupted: stopped by the user (Ctrl-C); retried on resume"),
                                ATTR_INTERRUPTED: True})
@@ -210,17 +254,40 @@ def make_objective(req: SearchRequest, task_data: TaskData, cache: FeatureCache,
             if isinstance(exc, TrialOutOfMemory) and oom_retry_enabled():
                 enqueue_oom_retry(trial, exc)
             raise
-        _set_attrs(trial, result_attrs(result, task_data.metric))
-        if reporter.pruned_at is not None and result.stopped_early:
+        _set_attrs(trial, result_attrs(result, task_data.metric, latency))
+        if stopped:
             if reporter.stopped_by:  # the deadline, not the pruner: its reported epochs are kept
                 trial.set_user_attr(ATTR_STOPPED_BY, reporter.stopped_by)
                 req.time_budget.trial_stopped(trial.number)
                 log.info("trial %d stopped by the time budget after epoch %d", trial.number, reporter.pruned_at)
                 raise optuna.TrialPruned(f"stopped by the time budget after epoch {reporter.pruned_at}")
             raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
+        if reporter.multi_objective:  # the metric, then the latency figure minimised
+            from autoft.study.record import ATTR_LATENCY_CPU_B1, latency_attrs
+
+            return result.score, float(latency_attrs(latency)[req.latency_objective or ATTR_LATENCY_CPU_B1])
         return result.score
 
     return objective
+
+
+def trial_latency(cfg, task_data: TaskData, cache: FeatureCache | None, required: bool = False):
+    """The :class:`~autoft.core.latency.Latency` of a completed trial's model (the process's meter: once per
+    architecture), or None when ``AUTOFT_LATENCY=0`` or the measurement failed (logged). ``required`` (a
+    multi-objective study): always measured, and a failure fails the trial."""
+    from autoft.core.latency import latency_enabled, measure_latency
+
+    if not required and not latency_enabled():
+        return None
+    try:
+        return measure_latency(cfg, task_data, cache)
+    except Exception as exc:
+        if required:
+            from autoft.errors import TrialFailed
+
+            raise TrialFailed(f"the model's latency could not be measured: {type(exc).__name__}: {exc}") from exc
+        log.warning("the latency of %s could not be measured: %s: %s", cfg.backbone, type(exc).__name__, exc)
+        return None
 
 
 def _origin(trial: optuna.Trial) -> str:
@@ -232,11 +299,11 @@ def _origin(trial: optuna.Trial) -> str:
 
 def trial_ended(t) -> TrialEnded:
     """The ``trial_end`` event of a finished trial of the study (under either engine)."""
-    from autoft.study.record import ATTR_EPOCHS, ATTR_METRICS, ATTR_SECONDS, ATTR_STOPPED_BY
+    from autoft.study.record import ATTR_EPOCHS, ATTR_METRICS, ATTR_SECONDS, ATTR_STOPPED_BY, metric_value
 
     metrics = t.user_attrs.get(ATTR_METRICS)
     seconds = t.user_attrs.get(ATTR_SECONDS)
-    return TrialEnded(key=str(t.number), state=t.state.name.lower(), value=t.value, config=config_of(t),
+    return TrialEnded(key=str(t.number), state=t.state.name.lower(), value=metric_value(t), config=config_of(t),
                       metrics=dict(metrics) if isinstance(metrics, dict) else {},
                       epochs=int(t.user_attrs.get(ATTR_EPOCHS, len(t.intermediate_values)) or 0),
                       seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
@@ -295,6 +362,12 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
     task_data = task_data or req.task.prepare(device=req.execution.device)
     n_train = len(task_data.splits.train)
     study = study or create_study(req, n_train=n_train)
+    resolve_objectives(req, study)  # a study opened by the caller: its objectives
+    check_latency_objective(req, task_data)
+    if req.multi_objective:
+        log.info("multi-objective study (%s): trials are not pruned, Optuna cannot prune them (Trial.report and "
+                 "should_prune raise); a time budget still stops a trial at an epoch boundary",
+                 describe_objectives(req.objectives))
     recover_interrupted(study)
     done = count_finished(study)
     events.emit(search_started(req, "optuna", task_data, done, n_train))
@@ -337,6 +410,20 @@ def run_study(req: SearchRequest, *, task_data: TaskData | None = None, callback
                            catch=(Exception,), callbacks=[log_failures, *deadline, *ended, *(callbacks or [])],
                            gc_after_trial=False, show_progress_bar=False)
     return study
+
+
+def check_latency_objective(req: SearchRequest, task_data: TaskData) -> None:
+    """A GPU latency objective needs trials on a CUDA device (:class:`ConfigError` naming ``--objectives``)."""
+    key = req.latency_objective
+    if key and "_gpu_" in key:
+        import torch
+
+        if torch.device(task_data.device).type != "cuda" or not torch.cuda.is_available():
+            from autoft.errors import ConfigError
+
+            raise ConfigError(f"the objective {key} is measured on the task's CUDA GPU, but the trials run on "
+                              f"{task_data.device}; use latency (CPU, batch 1) or latency_cpu_b64",
+                              field="--objectives")
 
 
 def waiting_oom_retries(study: optuna.Study) -> int:

@@ -318,6 +318,7 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: l
         raise ConfigError(f"--max-concurrent must be at least 1, got {max_concurrent}")
     if req.extend:
         raise ConfigError("--extend is not supported with --backend ray; use a new --study-name")
+    refuse_multi_objective(req)
     task = req.task
     if ex.device.startswith("cuda") and gpus_per_trial == 0:
         raise ConfigError(f"task '{task.name}' runs on device {ex.device}: pass --gpus-per-trial "
@@ -383,11 +384,25 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: l
                 log.warning("time budget: no time left for trials (%.0f s to the deadline)", clock.left())
             else:
                 tuner.fit()
-            study = to_optuna(req, path, events, trial_events=trial_events, deadline=deadline)
+            study = to_optuna(req, path, events, trial_events=trial_events, deadline=deadline, task_data=task_data)
     finally:
         if started:
             ray.shutdown()
     return study
+
+
+def refuse_multi_objective(req: SearchRequest) -> None:
+    """A multi-objective search (``--objectives accuracy,latency``, or an existing study that has two
+    objectives) runs with the Optuna engine only: Ray Tune's schedulers (ASHA, median stopping) stop
+    trials on one metric, and the sweep's trials land in the study with one value."""
+    if req.objectives is None:
+        from autoft.engines.optuna_engine import create_study
+
+        create_study(req)  # an existing study's objectives (sets req.objectives)
+    if req.multi_objective:
+        raise ConfigError("a multi-objective search (accuracy and latency) runs with --backend optuna only: Ray "
+                          "Tune's schedulers stop trials on one metric; drop --objectives (or the task's "
+                          "objectives) or use --backend optuna", field="--objectives")
 
 
 def _record_plan(req: SearchRequest, scores: list, enqueue: list[dict] | None) -> None:
@@ -452,13 +467,15 @@ def _run_config(path: Path, events: Events | None = None, trial_events: TrialEve
 # --------------------------------------------------------------------------------------------
 # Ray results → Optuna study
 def to_optuna(req: SearchRequest, path: Path, events: Events | None = None, *, trial_events: TrialEvents | None = None,
-              deadline: DeadlineStopper | None = None) -> optuna.Study:
+              deadline: DeadlineStopper | None = None, task_data: TaskData | None = None) -> optuna.Study:
     """Write every finished trial of the Ray experiment at ``path`` into the Optuna study of ``req``
     (trials already there are skipped, so this is safe to repeat), and emit each one's ``trial_end``.
 
     ``trial_events``/``deadline``: this driver's view of the sweep that just ran: a trial that never
     started (stopped while pending) is not recorded, and the trials the time budget stopped carry
-    ``stopped_by``."""
+    ``stopped_by``. ``task_data``: the task the sweep ran on; given, every completed trial's model has its
+    latency and size measured here on the driver, one architecture at a time (:mod:`autoft.core.latency`;
+    on the workers the trials ran side by side and would have disturbed each other's timings)."""
     from autoft.engines.optuna_engine import create_study, trial_ended
 
     study = create_study(req)
@@ -485,6 +502,8 @@ def to_optuna(req: SearchRequest, path: Path, events: Events | None = None, *, t
         log.warning("the Ray experiment in %s was created with a budget of %d trials (not %d); to run more, "
                     "start a new sweep with another --study-name", path, len(analysis.trials), req.budget)
     frozen = sorted((f for f in frozen if f is not None), key=lambda f: f.datetime_start)
+    if task_data is not None:
+        _add_latency(frozen, task_data)
     for f in frozen:  # in the order the trials started
         study.add_trial(f)
     added_ids = {f.user_attrs[ATTR_RAY_TRIAL] for f in frozen}
@@ -497,6 +516,25 @@ def to_optuna(req: SearchRequest, path: Path, events: Events | None = None, *, t
     added = len(frozen)
     log.info("added %d Ray trial(s) to study '%s'", added, req.study_name)
     return study
+
+
+def _add_latency(frozen: list, task_data: TaskData) -> None:
+    """Measure the latency and size of every completed trial's model (the one record writer's attributes)."""
+    from autoft.engines.optuna_engine import trial_latency
+    from autoft.study.record import latency_attrs
+
+    cache = None
+    for f in frozen:
+        if f.state != TrialState.COMPLETE:
+            continue
+        try:
+            cfg = TrialConfig(**f.user_attrs[ATTR_CONFIG])
+        except Exception:  # noqa: BLE001 - a configuration outside today's model: nothing to measure
+            continue
+        if cache is None:
+            cache = FeatureCache()
+        for k, v in latency_attrs(trial_latency(cfg, task_data, cache)).items():
+            f.set_user_attr(k, v)
 
 
 def _frozen_trial(req: SearchRequest, trial, df, first: list[dict] = (), stopped: bool = False

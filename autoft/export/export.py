@@ -53,7 +53,7 @@ from torch import nn
 
 from autoft.core import FeatureCache, TrialConfig, fine_tune_and_score
 from autoft.core.train import TaskData
-from autoft.study.record import ATTR_CONFIG, ATTR_METRICS
+from autoft.study.record import ATTR_CONFIG, ATTR_METRICS, metric_value
 from autoft.errors import ConfigError, ExportError
 from autoft.export.runtime import (FORMAT, LEGACY_FORMATS, MANIFEST, MODEL_FORMATS, MODEL_INFO, load_exported,
                                    load_pt2, min_format_version, sha256_file)
@@ -138,7 +138,9 @@ def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
         if not done:
             raise ConfigError(f"study '{study.study_name}' has no completed trial to export "
                               f"({len(trials)} trial(s), none complete)")
-        trial = study.best_trial
+        from autoft.results.tables import best_trial
+
+        trial = best_trial(study)  # a multi-objective study: the most accurate member of its Pareto set
     else:
         by_number = {t.number: t for t in trials}
         if number not in by_number:
@@ -153,6 +155,21 @@ def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
         raise ConfigError(f"trial #{trial.number} has no recorded configuration (user attribute '{ATTR_CONFIG}'); "
                           "was it run by autoft?")
     return trial
+
+
+def _latency_lines(ft: FrozenTrial) -> list[str]:
+    """The model card's line on the trial's recorded latency and size (autoft.core.latency), if any."""
+    a = ft.user_attrs
+    b1, b64 = a.get("latency_cpu_b1_ms"), a.get("latency_cpu_b64_ms")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (b1, b64)):
+        return []
+    gpu = a.get("latency_gpu_b1_ms")
+    extra = (f"; GPU {a['latency_gpu_b1_ms']:.2f} ms / {a.get('latency_gpu_b64_ms', float('nan')):.1f} ms"
+             if isinstance(gpu, (int, float)) else "")
+    size = (f", {a['n_params']:,} parameters, {a['size_mb']:.1f} MB"
+            if isinstance(a.get("n_params"), int) and isinstance(a.get("size_mb"), (int, float)) else "")
+    return [f"- its model's forward latency, measured during the search: CPU {b1:.2f} ms at batch 1, {b64:.1f} ms "
+            f"at batch 64{extra}{size}"]
 
 
 def _ranges(nums: list[int]) -> str:
@@ -227,9 +244,9 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
     backbone = model.backbone
     pre = backbone.preprocessing
     refit_val = None if train_val else res.metrics
-    if refit_val is not None and ft.value is not None and abs(res.score - ft.value) > 1e-6:
+    if refit_val is not None and metric_value(ft) is not None and abs(res.score - metric_value(ft)) > 1e-6:
         log.warning("the refit's validation %s (%.6f) differs from the search's (%.6f): the data or the "
-                    "code changed since the search", td.metric, res.score, ft.value)
+                    "code changed since the search", td.metric, res.score, metric_value(ft))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -253,7 +270,7 @@ def export_trial(task: str | Path | Task, out: str | Path, *, study: str | optun
         raise
     log.info("exported trial #%d to %s", ft.number, out)
     return ExportResult(folder=out, trial=ft.number, config=cfg.model_dump(), metric=td.metric,
-                        validation_score=ft.value, validation_metrics=dict(ft.user_attrs.get(ATTR_METRICS) or {}),
+                        validation_score=metric_value(ft), validation_metrics=dict(ft.user_attrs.get(ATTR_METRICS) or {}),
                         test_metrics=res.test_metrics or {}, refit_validation_metrics=refit_val,
                         trained_on=trained_on, verification=verification, files=files,
                         seconds=time.perf_counter() - t0, model=model, info=info,
@@ -706,7 +723,7 @@ def _write_metadata(folder: Path, task: Task, td: TaskData, study: optuna.Study,
     metrics = {
         "metric": td.metric, "direction": td.direction,
         "positive_class": td.data.class_names[td.positive_index] if td.positive_index is not None else None,
-        "validation_score": ft.value,
+        "validation_score": metric_value(ft),
         "validation": dict(ft.user_attrs.get(ATTR_METRICS) or {}),
         "test": res.test_metrics,
         "refit": {"trained_on": list(trained_on), "epochs": res.epochs_run, "seconds": round(res.seconds, 2),
@@ -822,10 +839,10 @@ def _refit_note(td: TaskData, ft: FrozenTrial, trained_on, metrics: dict) -> str
     if "val" in trained_on:
         return "The refit trained on the validation data too, so only the test column is an unbiased estimate."
     got = (metrics["refit"]["validation"] or {}).get(td.metric)
-    if got is not None and ft.value is not None and abs(got - ft.value) <= 1e-6:
+    if got is not None and metric_value(ft) is not None and abs(got - metric_value(ft)) <= 1e-6:
         return (f"The refit reproduces the search's validation {td.metric} exactly ({_f(got)}): same "
                 "configuration, seed and data.")
-    return (f"The refit's validation {td.metric} is {_f(got)}, the search's was {_f(ft.value)}: the data or the code "
+    return (f"The refit's validation {td.metric} is {_f(got)}, the search's was {_f(metric_value(ft))}: the data or the code "
             "changed since the search.")
 
 
@@ -915,7 +932,8 @@ def model_card(task: Task, td: TaskData, cfg: TrialConfig, ft: FrozenTrial, res,
         f"- {s['trials']} trials: {s['complete']} complete, {s['pruned']} pruned, {s['fail']} failed; {wall} "
         f"({s['trial_seconds']:.0f} s summed over trials)",
         f"- backbones tried: {', '.join(_md(b) for b in s['backbones_tried'])}",
-        f"- trial #{ft.number} won with validation {td.metric} {_f(ft.value)}",
+        f"- trial #{ft.number} won with validation {td.metric} {_f(metric_value(ft))}",
+        *_latency_lines(ft),
         "",
         "## Scores",
         "",

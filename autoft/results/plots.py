@@ -45,7 +45,9 @@ def param_importances(study: optuna.Study, path: Path) -> Path | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            imp = optuna.importance.get_param_importances(study)
+            # a multi-objective study (metric and latency): the importances for the metric
+            target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+            imp = optuna.importance.get_param_importances(study, target=target)
     except Exception as exc:  # needs enough completed trials with varying parameters
         log.info("parameter importances not available: %s", exc)
         return None
@@ -77,19 +79,30 @@ def learning_curves(study: optuna.Study, metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     shown = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if not t.intermediate_values:
+        curve = t.intermediate_values or _history(t)  # a multi-objective study reports no intermediate values
+        if not curve:
             continue
-        steps = sorted(t.intermediate_values)
+        steps = sorted(curve)
         pruned = t.state == TrialState.PRUNED
         label = ("pruned" if pruned else "complete") if (pruned not in shown) else None
         shown.add(pruned)
-        ax.plot(steps, [t.intermediate_values[s] for s in steps], c="tab:grey" if pruned else "tab:blue",
+        ax.plot(steps, [curve[s] for s in steps], c="tab:grey" if pruned else "tab:blue",
                 alpha=0.5 if pruned else 0.8, lw=1, marker=".", label=label)
     ax.set_xlabel("epoch"); ax.set_ylabel(f"validation {metric}"); ax.set_title("Learning curves")
     if shown:
         ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _history(t) -> dict[int, float]:
+    """The metric after every epoch from the trial's ``history`` attribute (epoch 1 first)."""
+    from autoft.study.record import ATTR_HISTORY
+
+    h = t.user_attrs.get(ATTR_HISTORY)
+    if not isinstance(h, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in h):
+        return {}
+    return {i + 1: float(v) for i, v in enumerate(h)}
 
 
 def write_plots(study: optuna.Study, df: pd.DataFrame, lb: pd.DataFrame, metric: str, direction: str,

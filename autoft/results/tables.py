@@ -13,12 +13,16 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from autoft.study.record import (ATTR_CONFIG, ATTR_EPOCHS, ATTR_FAIL, ATTR_METRICS, ATTR_RANKING,  # noqa: F401
-                                 ATTR_SECONDS, ATTR_SURPLUS, trial_origin)
+                                 ATTR_SECONDS, ATTR_SURPLUS, LATENCY_ATTRS, metric_value, trial_origin)
 from autoft.study.storage import warn_malformed
 
 # the documented columns of trials.csv, in order (config and metric columns follow)
 BASE_COLUMNS = ["number", "state", "score", "backbone", "unfreeze", "epochs_run", "seconds", "fail_reason",
                 "datetime_start", "origin"]
+# then a completed trial's model (autoft.core.latency): CPU latency at batch 1 and 64 (ms), parameters, MB;
+# the GPU latencies follow them when a trial has one
+LATENCY_COLUMNS = ["latency_cpu_b1_ms", "latency_cpu_b64_ms", "n_params", "size_mb"]
+GPU_LATENCY_COLUMNS = ["latency_gpu_b1_ms", "latency_gpu_b64_ms"]
 
 
 def mapping_attr(t: FrozenTrial, name: str) -> dict:
@@ -63,7 +67,7 @@ def trial_row(t: FrozenTrial) -> dict:
     row = {
         "number": t.number,
         "state": t.state.name.lower(),
-        "score": t.value if t.state == TrialState.COMPLETE else (
+        "score": metric_value(t) if t.state == TrialState.COMPLETE else (
             t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None),
         "backbone": cfg.get("backbone", t.params.get("backbone")),
         "unfreeze": cfg.get("unfreeze", t.params.get("unfreeze")),
@@ -73,6 +77,9 @@ def trial_row(t: FrozenTrial) -> dict:
         "datetime_start": t.datetime_start,
         "origin": trial_origin(t),
     }
+    for k in LATENCY_ATTRS:
+        v = t.user_attrs.get(k)
+        row[k] = v if _number(v) else None
     for k, v in cfg.items():
         if k not in ("backbone", "unfreeze"):
             row[f"cfg_{k}"] = v
@@ -85,8 +92,12 @@ def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
     rows = [trial_row(t) for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get(ATTR_SURPLUS)]
     df = pd.DataFrame(rows)
     if df.empty:
-        return pd.DataFrame(columns=BASE_COLUMNS)
-    return df[BASE_COLUMNS + [c for c in df.columns if c not in BASE_COLUMNS]]
+        return pd.DataFrame(columns=BASE_COLUMNS + LATENCY_COLUMNS)
+    df["n_params"] = pd.array([None if pd.isna(v) else int(v) for v in df["n_params"]], dtype="Int64")
+    gpu = [c for c in GPU_LATENCY_COLUMNS if df[c].notna().any()]
+    df = df.drop(columns=[c for c in GPU_LATENCY_COLUMNS if c not in gpu])
+    first = BASE_COLUMNS + LATENCY_COLUMNS + gpu
+    return df[first + [c for c in df.columns if c not in first]]
 
 
 def leaderboard(df: pd.DataFrame, direction: str = "maximize", ranking: list[dict] | None = None) -> pd.DataFrame:
@@ -139,6 +150,15 @@ def _short_reason(reason: str) -> str:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The study's best completed trial, or None. In a multi-objective study (the metric and a latency,
+    ``--objectives``) where Optuna has no single best trial: the most accurate member of the Pareto set
+    (ties: the faster one, then the earlier one), which the final check and the export use by default."""
+    if len(study.directions) > 1:
+        front = study.best_trials  # the non-dominated completed trials
+        if not front:
+            return None
+        sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        return min(front, key=lambda t: (sign * t.values[0], t.values[1], t.number))
     try:
         return study.best_trial
     except ValueError:
@@ -156,13 +176,21 @@ def best_document(study: optuna.Study, task, trial: FrozenTrial | None = None, t
         "trial": t.number,
         "metric": task.metric,
         "direction": task.direction,
-        "validation_score": t.value,
+        "validation_score": metric_value(t),
         "config": t.user_attrs.get(ATTR_CONFIG),
         "validation_metrics": t.user_attrs.get(ATTR_METRICS),
         "epochs_run": t.user_attrs.get(ATTR_EPOCHS),
         "seconds": t.user_attrs.get(ATTR_SECONDS),
         "search": {"trials": sum(counts.values()), **counts, "search_space": space_file},
     }
+    model = {k: t.user_attrs[k] for k in LATENCY_ATTRS if _number(t.user_attrs.get(k))}
+    if model:  # the model's latency (ms) and size (autoft.core.latency)
+        doc["model"] = model
+    if len(study.directions) > 1:  # chosen as the most accurate member of the Pareto set
+        from autoft.study.record import ATTR_OBJECTIVES
+
+        doc["objectives"] = study.user_attrs.get(ATTR_OBJECTIVES)
+        doc["chosen_as"] = "the most accurate member of the Pareto set (pareto.csv)"
     if test_metrics is not None:
         doc["test_metrics"] = test_metrics
     return doc

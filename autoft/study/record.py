@@ -24,10 +24,15 @@ Trial user attributes
 ``stopped_by``            ``time budget``: the command's deadline stopped the trial (recorded PRUNED,
                           with the epochs it reported)
 ``ray_trial_id``          the Ray Tune trial it came from (Ray engine)
+``latency_cpu_b1_ms``     CPU forward latency (ms) of a completed trial's model (backbone + head), batch 1
+``latency_cpu_b64_ms``    the same at batch 64 (``latency_gpu_b1_ms``, ``..._b64_ms``: on the task's GPU)
+``n_params``, ``size_mb`` parameters of that model, and MB of its parameters and buffers
+``latency``               how they were measured (threads, input, cost: :mod:`autoft.core.latency`)
 ========================  ====================================================================
 
 Study user attributes: ``ranking`` (the backbone ranking before the search), ``first_trials`` (the
-configurations a Ray sweep started with), ``engine`` (``ray`` when Ray ran the trials), ``finalists``
+configurations a Ray sweep started with), ``engine`` (``ray`` when Ray ran the trials), ``objectives``
+(a multi-objective study's objectives: the task's metric, then the latency attribute minimised), ``finalists``
 (the top configurations re-run over several seeds or folds, their per-seed scores, means and 95 %
 t-intervals, and the winner chosen by the mean: :mod:`autoft.study.finalists`).
 """
@@ -54,10 +59,21 @@ ATTR_INTERRUPTED = "interrupted"
 ATTR_SURPLUS = "surplus"
 ATTR_STOPPED_BY = "stopped_by"
 ATTR_RAY_TRIAL = "ray_trial_id"
+# a completed trial's inference latency and size (autoft.core.latency), and how they were measured
+ATTR_LATENCY_CPU_B1 = "latency_cpu_b1_ms"
+ATTR_LATENCY_CPU_B64 = "latency_cpu_b64_ms"
+ATTR_LATENCY_GPU_B1 = "latency_gpu_b1_ms"
+ATTR_LATENCY_GPU_B64 = "latency_gpu_b64_ms"
+ATTR_PARAMS = "n_params"
+ATTR_SIZE_MB = "size_mb"
+ATTR_LATENCY = "latency"
+LATENCY_ATTRS = (ATTR_LATENCY_CPU_B1, ATTR_LATENCY_CPU_B64, ATTR_LATENCY_GPU_B1, ATTR_LATENCY_GPU_B64, ATTR_PARAMS,
+                 ATTR_SIZE_MB)
 # study user attributes
 ATTR_RANKING = "ranking"
 ATTR_FIRST_TRIALS = "first_trials"
 ATTR_ENGINE = "engine"
+ATTR_OBJECTIVES = "objectives"  # [metric, latency attribute] of a multi-objective study
 ATTR_FINALISTS = "finalists"  # the finalists' re-runs and the winner chosen by their mean (autoft.study.finalists)
 
 # the attributes of one run of a trial; a retry starts without them (see RetryStaleTrial)
@@ -99,10 +115,27 @@ def trial_origin(t: FrozenTrial) -> str:
     return ORIGIN_FIRST_TRIAL if t.user_attrs.get(ATTR_FIRST_TRIAL) else ORIGIN_SAMPLER
 
 
-def result_attrs(result, metric: str) -> dict[str, Any]:
-    """The user attributes of a trial that ran: from a core :class:`~autoft.core.TrialResult`."""
+def result_attrs(result, metric: str, latency=None) -> dict[str, Any]:
+    """The user attributes of a trial that ran: from a core :class:`~autoft.core.TrialResult` (and the
+    :class:`~autoft.core.latency.Latency` of its model, when measured)."""
     return {ATTR_METRICS: dict(result.metrics), ATTR_HISTORY: [h[metric] for h in result.history],
-            ATTR_EPOCHS: int(result.epochs_run), ATTR_SECONDS: round(float(result.seconds), 3)}
+            ATTR_EPOCHS: int(result.epochs_run), ATTR_SECONDS: round(float(result.seconds), 3),
+            **latency_attrs(latency)}
+
+
+def latency_attrs(latency) -> dict[str, Any]:
+    """The user attributes of a model's :class:`~autoft.core.latency.Latency` ({} for None)."""
+    if latency is None:
+        return {}
+    names = {"n_params": ATTR_PARAMS, "size_mb": ATTR_SIZE_MB}
+    return {**{names.get(k, f"latency_{k}"): v for k, v in latency.figures().items()}, ATTR_LATENCY: latency.setup()}
+
+
+def metric_value(t: FrozenTrial) -> float | None:
+    """The task's metric of a finished trial: its value, the first of its values in a multi-objective
+    study (``FrozenTrial.value`` raises there), None when it has none."""
+    values = t.values
+    return float(values[0]) if values else None
 
 
 def reported_attrs(rows: list[dict], metric: str, seconds: float) -> dict[str, Any]:
