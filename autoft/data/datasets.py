@@ -3,7 +3,7 @@
 Sources: scikit-learn's bundled ``digits``; an ``image_folder`` (one sub-folder per class) and an
 ``image_table`` (CSV/Parquet of paths and labels), both read lazily (headers scanned, pixels decoded
 when indexed, :mod:`autoft.data.images`); a text table (CSV/TSV/JSONL/Parquet) of text and label;
-NumPy ``npz`` arrays (read into memory).  Every loader returns a
+NumPy ``npz`` arrays (memory-mapped, :mod:`autoft.data.npz`).  Every loader returns a
 :class:`LabelledData` and raises :class:`DataError` naming the file and what was expected.
 """
 from __future__ import annotations
@@ -94,12 +94,14 @@ def load_digits_data() -> LabelledData:
     return LabelledData(list(images), d.target, [str(c) for c in d.target_names], "image", "digits")
 
 
-def _to_uint8_image(arr: np.ndarray) -> np.ndarray:
+def _to_uint8_image(arr: np.ndarray, hi: float | None = None) -> np.ndarray:
+    """uint8 as it is; other dtypes scaled by ``hi`` (default: ``arr``'s own maximum) to 0..255."""
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.dtype != np.uint8:
         a = arr.astype(np.float64)
-        hi = a.max() if a.size else 1.0
+        if hi is None:
+            hi = a.max() if a.size else 1.0
         a = a * (255.0 / hi) if hi > 1.0 else a * 255.0
         arr = np.clip(a.round(), 0, 255).astype(np.uint8)
     return arr
@@ -236,29 +238,40 @@ def _first_line(path: Path, encoding: str) -> str:
 
 
 def load_npz(path: Path, x_key: str = "x", y_key: str = "y") -> LabelledData:
+    """Images ``x_key`` and labels ``y_key`` of an ``.npz``.  The images are memory-mapped, not read
+    (:mod:`autoft.data.npz`: in place when stored uncompressed, else extracted once to the cache folder) and
+    converted to HxWxC uint8 one at a time when indexed; the labels are read."""
+    from autoft.data.npz import NpzImages, map_member, uint8_scale
+
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise DataError(f"could not read {path} as a NumPy .npz file: {exc}") from None
-    for role, key in (("x_key", x_key), ("y_key", y_key)):
-        if key not in arrays.files:
-            raise DataError(f"{path}: no array '{key}' (data.{role}); arrays are {arrays.files}")
-    x, y = arrays[x_key], arrays[y_key]
-    if x.ndim not in (3, 4):
-        raise DataError(f"{path}: array '{x_key}' has shape {x.shape}; expected images (N, H, W) or (N, H, W, C)")
-    if x.ndim == 3:
-        x = x[..., None]  # (N, H, W) grey → (N, H, W, 1)
-    elif x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
-        x = np.transpose(x, (0, 2, 3, 1))  # NCHW → NHWC
-    x = _to_uint8_image(x)  # one scale for the whole array, not one per image
-    if "class_names" in arrays.files:
-        classes = [str(c) for c in arrays["class_names"]]
+    with arrays:
+        for role, key in (("x_key", x_key), ("y_key", y_key)):
+            if key not in arrays.files:
+                raise DataError(f"{path}: no array '{key}' (data.{role}); arrays are {arrays.files}")
+        y = arrays[y_key]
+        names = arrays["class_names"] if "class_names" in arrays.files else None
+    xm = map_member(path, x_key)
+    shape = xm.shape
+    if len(shape) not in (3, 4):
+        raise DataError(f"{path}: array '{x_key}' has shape {shape}; expected images (N, H, W) or (N, H, W, C)")
+    if len(shape) == 3:
+        layout = "grey"  # (N, H, W) grey → (N, H, W, 1)
+    elif shape[1] in (1, 3) and shape[-1] not in (1, 3):
+        layout = "nchw"  # NCHW → NHWC per image
+    else:
+        layout = "nhwc"
+    x = NpzImages(xm, layout, uint8_scale(xm.array()))  # one scale for the whole array, not one per image
+    if names is not None:
+        classes = [str(c) for c in names]
         labels = y.astype(np.int64)
     else:
         labels, classes = _labels_from_names([str(v) for v in y.tolist()], str(path))
         if np.issubdtype(y.dtype, np.integer):
             classes = sorted(classes, key=int)
             labels = np.array([classes.index(str(v)) for v in y.tolist()], dtype=np.int64)
-    return LabelledData(list(x), labels, classes, "image", str(path))
+    return LabelledData(x, labels, classes, "image", str(path), [f"images {xm.how}"])
