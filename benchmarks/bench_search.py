@@ -1,7 +1,12 @@
 """Search efficiency: time to reach within 0.5 points of the best validation score of a long reference run.
 
-(a) random search: Optuna's RandomSampler, no pruning, no frozen-prefix cache (every trial runs all
-    its epochs through the whole network);
+Anchors (``--anchors``), none with the frozen-prefix cache (every epoch runs the whole network), the ranking
+or the first-trial recipes:
+(a) ``random``: Optuna's RandomSampler, no pruning;
+(a') ``optuna_hyperband``: what a practitioner writes by hand: Optuna's TPESampler + HyperbandPruner over the
+    same space, reporting every epoch;
+(a'') ``ray_asha``: Ray Tune, random sampling (OptunaSearch + RandomSampler) and the ASHA scheduler, 2
+    concurrent one-thread trials;
 (b) autoft's default search: ``run_study`` as ``autoft search`` runs it (TPE, Hyperband pruning,
     frozen-prefix cache starting empty, backbone ranking, SQLite storage).
 
@@ -20,6 +25,7 @@ The reference run (TPE + cache, no pruning, ``--ref-trials`` trials) is stored i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -67,6 +73,136 @@ def run_random(req, task_data, target: float, cap: float, seed: int) -> dict:
             "trials": n, "best": best}
 
 
+class _PruneReporter:
+    """The hand-written study's reporter: report every epoch to the Optuna trial, stop when it says prune."""
+
+    def __init__(self, trial):
+        self.trial = trial
+
+    def report(self, step: int, value: float, metrics: dict) -> bool:
+        self.trial.report(value, step)
+        return self.trial.should_prune()
+
+
+def run_optuna_hyperband(req, task_data, target: float, cap: float, seed: int) -> dict:
+    """What a practitioner writes by hand: TPE + Hyperband over the same space, the straightforward objective
+    (no frozen-prefix cache: every epoch runs the whole network; no ranking; no first-trial recipes)."""
+    import optuna
+
+    from autoft.core import FeatureCache, fine_tune_and_score
+    from autoft.errors import TrialFailed
+
+    plain = FeatureCache(disk=False)  # backbones and encoded inputs only (a script loads its data once)
+    epochs = task_data_epochs(req)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs),
+                                direction="maximize")
+    t0 = time.perf_counter()
+    best, n, pruned, reached = -math.inf, 0, 0, None
+    while time.perf_counter() - t0 < cap:
+        trial = study.ask()
+        cfg = req.space.sample(trial, req.fixed)
+        n += 1
+        try:
+            res = fine_tune_and_score(cfg, task_data, _PruneReporter(trial), cache=plain, use_cache=False)
+        except TrialFailed:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        if res.stopped_early:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            pruned += 1
+            continue
+        study.tell(trial, res.score)
+        best = max(best, res.score)
+        if res.score >= target:
+            reached = time.perf_counter() - t0
+            break
+    return {"seconds": reached if reached is not None else time.perf_counter() - t0, "reached": reached is not None,
+            "trials": n, "pruned": pruned, "best": best}
+
+
+def task_data_epochs(req) -> int:
+    """The most epochs a trial runs (the pruners' maximum resource), as the engines read it."""
+    from autoft.engines.base import max_epochs
+
+    return max_epochs(req.space, req.task)
+
+
+def _asha_trainable(config: dict, task_data=None) -> None:
+    """One Ray Tune trial of the ASHA anchor: the whole network every epoch (no cache), one report per epoch."""
+    import torch
+    from ray import tune
+
+    from autoft.core import FeatureCache, fine_tune_and_score
+    from autoft.core.config import TrialConfig
+
+    torch.set_num_threads(1)
+    cfg = TrialConfig(**{k: v for k, v in config.items() if k in TrialConfig.model_fields})
+
+    class Report:
+        def report(self, step, value, metrics):
+            tune.report({"score": float(value), "epoch": int(step), "completed": int(step) >= cfg.epochs})
+            return False
+
+    fine_tune_and_score(cfg, task_data, Report(), cache=FeatureCache(disk=False), use_cache=False)
+
+
+def run_ray_asha(req, task_data, target: float, cap: float, seed: int) -> dict:
+    """Ray Tune with random sampling (Optuna's RandomSampler through OptunaSearch, over the same space) and the
+    ASHA scheduler, as a Ray user would write it; 2 concurrent trials of 1 thread each on this 2-core machine.
+    Stops when a trial that ran all its epochs reaches ``target``. Ray's start-up is not timed."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from autoft.engines.ray_engine import DefineByRun, forwarded_env
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"env_vars": forwarded_env()})
+    tmp = tempfile.TemporaryDirectory(prefix="autoft-bench-asha-")
+    state = {"reached": None, "best": -math.inf, "t0": None}
+
+    class Target(tune.stopper.Stopper):
+        def __call__(self, trial_id, result):
+            if result.get("completed"):
+                state["best"] = max(state["best"], result["score"])
+                if result["score"] >= target and state["reached"] is None:
+                    state["reached"] = time.perf_counter() - state["t0"]
+            return False
+
+        def stop_all(self):
+            return state["reached"] is not None or time.perf_counter() - state["t0"] >= cap
+
+    epochs = task_data_epochs(req)
+    search = OptunaSearch(space=DefineByRun(req.space, req.fixed), metric="score", mode="max",
+                          sampler=optuna.samplers.RandomSampler(seed=seed))
+    tuner = tune.Tuner(
+        tune.with_parameters(_asha_trainable, task_data=task_data),
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=100000, max_concurrent_trials=2,
+                                    scheduler=ASHAScheduler(metric="score", mode="max", max_t=epochs,
+                                                            grace_period=1, reduction_factor=3,
+                                                            time_attr="epoch"),
+                                    time_budget_s=cap + 30),
+        run_config=tune.RunConfig(name="asha", storage_path=tmp.name, verbose=0, stop=Target(),
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    state["t0"] = time.perf_counter()
+    grid = tuner.fit()
+    elapsed = time.perf_counter() - state["t0"]
+    df = grid.get_dataframe()
+    n = len(df)
+    if "epoch" in df:
+        pruned = int(((df["epoch"] < epochs) & ~df.get("completed", False).astype(bool)).sum())
+    else:
+        pruned = 0
+    tmp.cleanup()
+    return {"seconds": state["reached"] if state["reached"] is not None else elapsed,
+            "reached": state["reached"] is not None, "trials": n, "pruned": pruned, "best": state["best"]}
+
+
 def run_autoft(req, task_data, target: float | None, cap: float, rank=None, pruner: str | None = None) -> dict:
     """autoft's default search (run_study) with an empty cache, until a completed trial reaches ``target``."""
     import optuna
@@ -75,9 +211,8 @@ def run_autoft(req, task_data, target: float | None, cap: float, rank=None, prun
     from autoft.engines.optuna_engine import run_study
 
     tmp = tempfile.TemporaryDirectory(prefix="autoft-bench-search-")
-    req.results_dir = Path(tmp.name) / "results"
-    if pruner:
-        req.pruner = pruner
+    # a new request: its study location (storage) is derived from the results folder when it is made
+    req = dataclasses.replace(req, results_dir=Path(tmp.name) / "results", pruner=pruner or req.pruner)
     cache = FeatureCache(disk=Path(tmp.name) / "features")
     state = {"reached": None, "best": -math.inf}
     t0 = time.perf_counter()
@@ -161,6 +296,10 @@ def main(argv=None) -> int:
                     help="override a task file field, dotted (e.g. split.train_per_class=50 budget.max_epochs=3)")
     ap.add_argument("--ablate-rank", action="store_true", help="also run autoft without the ranking")
     ap.add_argument("--skip-random", action="store_true", help="only autoft runs (e.g. to compare policies)")
+    ap.add_argument("--anchors", nargs="+", default=["random"], choices=["random", "optuna_hyperband", "ray_asha"],
+                    help="what autoft is compared with: random (no pruning, no cache), optuna_hyperband (a "
+                         "hand-written TPE + Hyperband study, no cache/ranking/first trials), ray_asha (Ray Tune, "
+                         "random sampling + ASHA, 2 concurrent trials); caps: --cap-random")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=_util.OUT)
     ap.add_argument("--render", type=Path, help="only re-render a stored result JSON (summary + markdown)")
@@ -193,11 +332,11 @@ def main(argv=None) -> int:
         task_s = task.model_copy(update={"seed": seed})
         row = {"seed": seed}
         runs = [("autoft", {})] + ([("autoft_no_rank", {"rank": False})] if args.ablate_rank else []) \
-            + ([] if args.skip_random else [("random", None)])
+            + ([] if args.skip_random else [(a, None) for a in args.anchors])
         for name, kw in runs:
             req = build_request(task_s, overrides=overrides, study_name=f"bench-{name}-{seed}", n_trials=100000)
             if kw is None:
-                res = run_random(req, task_data, target, args.cap_random, seed)
+                res = ANCHORS[name](req, task_data, target, args.cap_random, seed)
             else:
                 res = run_autoft(req, task_data, target, args.cap, **kw)
             row[name] = res
@@ -217,10 +356,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def speedup(row: dict) -> tuple[float | None, str]:
-    """random time / autoft time, and what it is: exact, a lower or upper bound (a run hit its cap),
+ANCHORS = {"random": run_random, "optuna_hyperband": run_optuna_hyperband, "ray_asha": run_ray_asha}
+ANCHOR_NAMES = {"random": "random", "optuna_hyperband": "Optuna TPE + Hyperband", "ray_asha": "Ray ASHA"}
+
+
+def speedup(row: dict, anchor: str = "random") -> tuple[float | None, str]:
+    """anchor time / autoft time, and what it is: exact, a lower or upper bound (a run hit its cap),
     or undetermined (neither reached the target)."""
-    a, r = row["autoft"], row["random"]
+    a, r = row["autoft"], row[anchor]
     if not a["reached"] and not r["reached"]:
         return None, "undetermined"
     ratio = r["seconds"] / a["seconds"]
@@ -230,21 +373,28 @@ def speedup(row: dict) -> tuple[float | None, str]:
 
 
 def render(doc: dict) -> str:
-    """Summary (into ``doc``) and the markdown table."""
+    """Summary (into ``doc``) and the markdown table: one speed-up column per anchor."""
     rows, env = doc["runs"], doc["environment"]
-    ratios = []
-    for r in rows:
-        if "random" in r:
-            r["speedup"], r["speedup_kind"] = speedup(r)
-            if r["speedup"] is not None:
-                ratios.append(r["speedup"])
+    anchors = [a for a in ANCHORS if any(a in r for r in rows)]
+    per_anchor = {}
+    for a in anchors:
+        ratios = []
+        for r in rows:
+            if a in r:
+                r.setdefault("speedups", {})[a] = speedup(r, a)
+                if r["speedups"][a][0] is not None:
+                    ratios.append(r["speedups"][a][0])
+        per_anchor[a] = {"median_speedup": statistics.median(ratios) if ratios else None,
+                         "speedups": [r.get("speedups", {}).get(a) for r in rows], "determined": len(ratios),
+                         "reached": sum(r[a]["reached"] for r in rows if a in r),
+                         "median_s": statistics.median(r[a]["seconds"] for r in rows if a in r)}
     doc["summary"] = summary = {
-        "target": doc["target"], "reference_best": doc["reference"]["best"],
-        "median_speedup": statistics.median(ratios) if ratios else None,
-        "speedups": [(r.get("speedup"), r.get("speedup_kind")) for r in rows],
+        "target": doc["target"], "reference_best": doc["reference"]["best"], "anchors": per_anchor,
         "autoft_reached": sum(r["autoft"]["reached"] for r in rows),
-        "random_reached": sum(r["random"]["reached"] for r in rows if "random" in r),
         "autoft_median_s": statistics.median(r["autoft"]["seconds"] for r in rows)}
+    if "random" in per_anchor:  # the keys of the first version of this benchmark
+        summary["median_speedup"] = per_anchor["random"]["median_speedup"]
+        summary["random_reached"] = per_anchor["random"]["reached"]
     if any("autoft_no_rank" in r for r in rows):
         summary["autoft_no_rank_median_s"] = statistics.median(r["autoft_no_rank"]["seconds"] for r in rows)
         summary["autoft_no_rank_reached"] = sum(r["autoft_no_rank"]["reached"] for r in rows)
@@ -252,30 +402,39 @@ def render(doc: dict) -> str:
     def cell(res):
         return f"{res['seconds']:.1f}" + ("" if res["reached"] else " (not reached: cap)") + f" / {res['trials']}"
 
+    def ratio(sp):
+        if sp is None or sp[0] is None:
+            return "-"
+        return {"exact": "", "lower bound": "≥ ", "upper bound": "≤ "}[sp[1]] + f"{sp[0]:.1f}x"
+
     table = []
     for r in rows:
         t = {"seed": r["seed"], "autoft s / trials": cell(r["autoft"])}
         if "autoft_no_rank" in r:
             t["autoft w/o ranking s / trials"] = cell(r["autoft_no_rank"])
-        if "random" in r:
-            t["random s / trials"] = cell(r["random"])
-            t["speed-up"] = "-" if r["speedup"] is None else \
-                {"exact": "", "lower bound": "≥ ", "upper bound": "≤ "}[r["speedup_kind"]] + f"{r['speedup']:.1f}x"
+        for a in anchors:
+            if a in r:
+                t[f"{ANCHOR_NAMES[a]} s / trials"] = cell(r[a])
+                t[f"vs {ANCHOR_NAMES[a]}"] = ratio(r["speedups"][a])
         table.append(t)
     ref, sizes = doc["reference"], doc["sizes"]
-    med = summary["median_speedup"]
     md = [f"## Search efficiency: {doc['task']} ({doc['metric']})", "", f"Command: `{doc['command']}`  ",
           f"Machine: {env['cpu_count']} CPUs, {env['torch_threads']} torch thread(s), load average at start "
-          f"{env['load_average_at_start']}  ",
+          f"{env['load_average_at_start']}, at end {env.get('load_average_at_end', '?')}  ",
           f"Reference: best validation {doc['metric']} {ref['best']:.4f} in {ref['trials']} trials (TPE + cache, no "
           f"pruning); target {doc['target']:.4f}; cap {doc['cap_s']:g}s per autoft run, {doc['cap_random_s']:g}s per "
-          f"random run; space overrides {doc['overrides'] or 'none'}; task overrides {doc['task_overrides'] or 'none'} "
+          f"anchor run; space overrides {doc['overrides'] or 'none'}; task overrides {doc['task_overrides'] or 'none'} "
           f"(train {sizes['train']}, val {sizes['val']})", "",
-          _util.md_table(table, list(table[0].keys())), "",
-          (f"Median speed-up over the {sum(r.get('speedup') is not None for r in doc['runs'])} of {len(doc['runs'])} "
-           f"seeds where a run reached the target: **{med:.1f}x** (a censored run counts at its cap: '≥' are lower "
-           f"bounds; seeds where neither reached it are left out)"
-           if med is not None else "Median speed-up: undetermined (no run reached the target)"), ""]
+          _util.md_table(table, list(table[0].keys())), ""]
+    for a in anchors:
+        s = per_anchor[a]
+        md.append(f"Median time-to-target ratio against {ANCHOR_NAMES[a]} over the {s['determined']} of {len(rows)} "
+                  f"seeds where a run reached the target: **{s['median_speedup']:.1f}x**" if s["median_speedup"] is not None
+                  else f"Against {ANCHOR_NAMES[a]}: undetermined (no run reached the target)")
+        md.append("")
+    md.append("A censored run (not reached: cap) counts at its cap: '≥' are lower bounds, '≤' upper bounds; seeds "
+              "where neither reached the target are left out.")
+    md.append("")
     return "\n".join(md)
 
 

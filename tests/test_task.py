@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from autoft.errors import ConfigError
@@ -115,3 +116,14 @@ def test_relative_data_path_is_relative_to_task_file(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\na,x\nb,y\n")
     t = parse_task({**GOOD, "modality": "text", "data": {"source": "csv", "path": "d.csv"}}, tmp_path / "t.yaml")
     assert t.data_path() == Path(tmp_path / "d.csv")
+
+
+def test_builtin_banking77_is_few_shot_with_the_official_test_set():
+    """10 queries per intent for training and for validation from train.csv; test.csv (3,080) untouched."""
+    t = load_task("banking77")
+    td = t.prepare()
+    assert td.data.num_classes == 77
+    assert td.splits.sizes() == {"train": 770, "val": 770, "test": 3080}
+    for part in (td.splits.train, td.splits.val):
+        assert (np.bincount(td.data.labels[part], minlength=77) == 10).all()
+    assert set(td.splits.test.tolist()).isdisjoint(td.splits.train.tolist() + td.splits.val.tolist())
