@@ -59,7 +59,7 @@ def test_a_search_records_latency_and_size_of_every_completed_trial(digits, feat
         assert 0 < a[ATTR_LATENCY_CPU_B1] < a[ATTR_LATENCY_CPU_B64]
         assert a[ATTR_PARAMS] == n and a[ATTR_SIZE_MB] == pytest.approx(mb, abs=1e-3)
         setup = a[ATTR_LATENCY]
-        assert setup["input"] == "3x32x32" and setup["threads"] == torch.get_num_threads()
+        assert setup["input"] == "3x32x32" and setup["threads"] == 1  # AUTOFT_LATENCY_THREADS, default 1
         assert setup["batch_sizes"] == [1, 64] and setup["gpu"] is None and setup["seconds"] < 30
     # same architecture: the second trial took the first's measurement from the process's meter
     assert trials[1].user_attrs[ATTR_LATENCY]["cached"] is True
@@ -94,6 +94,20 @@ def test_the_meter_measures_an_architecture_once(digits, feature_cache):
     assert meter.backbones_timed == 2 and d.params > a.params
     # the process's meter used by the engines is one object
     assert default_meter() is default_meter()
+
+
+def test_cpu_figures_use_one_thread_and_leave_the_process_as_it_was(digits, feature_cache, monkeypatch):
+    _, td = digits
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lat = LatencyMeter(timings=FAST).measure(TrialConfig(backbone="resnet20"), td, feature_cache)
+        assert lat.threads == 1 and torch.get_num_threads() == 2
+        monkeypatch.setenv("AUTOFT_LATENCY_THREADS", "2")
+        meter = LatencyMeter(timings=FAST)
+        assert meter.threads == 2 and meter.key(TrialConfig(backbone="resnet20"), 10)[4] == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_text_is_timed_at_the_task_length(feature_cache, sms_small):

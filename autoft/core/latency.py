@@ -8,8 +8,13 @@ it and a head of the trial's shape, and cached per architecture key in the :clas
 
 What is measured (``torch.inference_mode``, eval mode, float32):
 
-* the forward latency at batch 1 and batch 64 on the CPU, with the process's torch threads (recorded),
-  and, when the task runs on a CUDA device, on that GPU too (synchronised around every run);
+* the forward latency at batch 1 and batch 64 on the CPU with one intra-op thread (``AUTOFT_LATENCY_THREADS``
+  sets another count; recorded), and, when the task runs on a CUDA device, on that GPU too (synchronised
+  around every run). One thread because the figure must compare architectures, not machines or loads:
+  with two threads on two cores that other processes share, every OpenMP barrier waits for a thread that
+  is not running (a MobileNetV2 measured 407 ms at batch 1 that way, under a load of 9), and a figure
+  per thread count is what a deployment picks from. torch's thread count is process-wide: it is set for
+  the measurement and put back after it (trials running beside it, ``--n-jobs``, run on one thread meanwhile);
 * inputs of the backbone's real size: images of its preprocessing preset (``C x S x S``, ``S`` the
   crop size), text of the full ``max_length`` tokens of the task (or the backbone's preset), all
   attended (the worst case a deployment sees);
@@ -160,9 +165,10 @@ class LatencyMeter:
 
     ``timings``: batch size -> :class:`Timing`; ``gpu``: also time on the task's CUDA device."""
 
-    def __init__(self, timings: dict[int, Timing] | None = None, gpu: bool = True):
+    def __init__(self, timings: dict[int, Timing] | None = None, gpu: bool = True, threads: int | None = None):
         self.timings = dict(DEFAULT_TIMINGS if timings is None else timings)
         self.gpu = gpu
+        self.threads = int(threads) if threads else latency_threads()
         self._lock = threading.RLock()
         self._models: dict[tuple, Latency] = {}
         self._backbones: dict[tuple, tuple] = {}  # (part, input, params, MB, feature width)
@@ -182,7 +188,7 @@ class LatencyMeter:
     def key(self, cfg, num_classes: int, max_length: int | None = None, device: str = "cpu") -> tuple:
         """The architecture key: backbone, input length (text), head shape, classes, threads, devices."""
         devs = tuple(str(d) for d in self._devices(device)) if self.gpu else ("cpu",)
-        return (cfg.backbone, max_length, head_spec(cfg), int(num_classes), torch.get_num_threads(), devs)
+        return (cfg.backbone, max_length, head_spec(cfg), int(num_classes), self.threads, devs)
 
     # -- measuring ---------------------------------------------------------------------------
     def measure(self, cfg, task, cache=None) -> Latency:
@@ -204,24 +210,14 @@ class LatencyMeter:
             threads = key[4]
             ms: dict[str, dict[int, float]] = {}
             runs: dict[str, int] = {}
-            backbone = None
-            with torch.random.fork_rng(devices=[]):  # the trial's random state is left as it was
-                for dev in devices:
-                    bkey = (cfg.backbone, max_length, threads, str(dev))
-                    if bkey not in self._backbones:
-                        if backbone is None:
-                            backbone = self._backbone(cfg.backbone, cache, max_length)
-                        self._backbones[bkey] = self._time_backbone(backbone, dev, max_length)
-                        self.backbones_timed += 1
-                    part, text, params, mb, feature_dim = self._backbones[bkey]
-                    head = _build_head(feature_dim, num_classes, cfg)
-                    head_params, head_mb = model_size(head)
-                    hkey = (head_spec(cfg), feature_dim, num_classes, threads, str(dev))
-                    if hkey not in self._heads:
-                        self._heads[hkey] = self._time_head(head, feature_dim, dev)
-                    ms[dev.type] = {b: part.ms[b] + self._heads[hkey].ms[b] for b in BATCH_SIZES}
-                    runs.update({f"{dev.type}_b{b}": part.runs[b] for b in BATCH_SIZES})
-            del backbone
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)  # the CPU figures' thread count (process-wide; put back below)
+            try:
+                self._measure_parts(cfg, cache, max_length, num_classes, devices, threads, ms, runs)
+            finally:
+                torch.set_num_threads(before)
+            part, text, params, mb, feature_dim = self._backbones[(cfg.backbone, max_length, threads, "cpu")]
+            head_params, head_mb = model_size(_build_head(feature_dim, num_classes, cfg))
             gpu = devices[1] if len(devices) > 1 else None
             lat = Latency(cpu_b1_ms=round(ms["cpu"][1], 4), cpu_b64_ms=round(ms["cpu"][64], 4),
                           params=params + head_params, size_mb=round(mb + head_mb, 3),
@@ -236,6 +232,24 @@ class LatencyMeter:
                      "%.1f MB; measured in %.1f s", cfg.backbone, cfg.head, lat.cpu_b1_ms, lat.cpu_b64_ms,
                      f"{lat.params:,}", lat.size_mb, lat.seconds)
             return lat
+
+    def _measure_parts(self, cfg, cache, max_length, num_classes, devices, threads, ms, runs) -> None:
+        """Time the backbone (unless timed before) and the head on each device; fill ``ms`` and ``runs``."""
+        backbone = None
+        with torch.random.fork_rng(devices=[]):  # the trial's random state is left as it was
+            for dev in devices:
+                bkey = (cfg.backbone, max_length, threads, str(dev))
+                if bkey not in self._backbones:
+                    if backbone is None:
+                        backbone = self._backbone(cfg.backbone, cache, max_length)
+                    self._backbones[bkey] = self._time_backbone(backbone, dev, max_length)
+                    self.backbones_timed += 1
+                part, _, _, _, feature_dim = self._backbones[bkey]
+                hkey = (head_spec(cfg), feature_dim, num_classes, threads, str(dev))
+                if hkey not in self._heads:
+                    self._heads[hkey] = self._time_head(_build_head(feature_dim, num_classes, cfg), feature_dim, dev)
+                ms[dev.type] = {b: part.ms[b] + self._heads[hkey].ms[b] for b in BATCH_SIZES}
+                runs.update({f"{dev.type}_b{b}": part.runs[b] for b in BATCH_SIZES})
 
     def clear(self) -> None:
         with self._lock:
@@ -319,6 +333,16 @@ def default_meter() -> LatencyMeter:
         if _DEFAULT is None:
             _DEFAULT = LatencyMeter()
         return _DEFAULT
+
+
+def latency_threads() -> int:
+    """Intra-op threads of the CPU figures: ``AUTOFT_LATENCY_THREADS``, else 1."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("AUTOFT_LATENCY_THREADS", "1")))
+    except ValueError:
+        return 1
 
 
 def latency_enabled() -> bool:
