@@ -15,9 +15,20 @@ def encode_images(images, pre: Preprocessing, batch: int = 512) -> torch.Tensor:
 
     The numbers come from :func:`autoft.export.runtime.encode_images`, the function an exported model
     serves with, so training, export and predict preprocess identically."""
-    from autoft.export.runtime import encode_images as _encode
+    from autoft.export.runtime import encode_images as _encode, preset_image
 
-    return _encode(images, pre.to_dict(), batch)
+    p = pre.to_dict()
+    if not p.get("resize_size") or len(images) == 0:
+        return _encode(images, p, batch)
+    # with a preset each image is encoded alone: written straight into the result, so that encoding N
+    # images holds one N-image tensor, not a list of N tensors and their stacked copy as well
+    out = None
+    for i, x in enumerate(images):
+        t = preset_image(x, p)
+        if out is None:
+            out = torch.empty((len(images), *t.shape), dtype=t.dtype)
+        out[i] = t
+    return out
 
 
 def image_nbytes(n: int, pre: Preprocessing) -> int:
