@@ -183,3 +183,21 @@ def test_disabled_is_todays_behaviour_and_the_cli_prints_them(fewshot, tmp_path,
     assert "finalists 1/2: trial #" in out and "finalists 2/2" in out
     assert "finalists (mean of 2 seeds; 95 % t-interval of the mean):" in out
     assert "the choice" in out and " · finalists " in out  # the time line has the phase
+
+
+def test_export_and_evaluate_default_to_the_finalists_choice(searched):
+    """Without --trial, export and evaluate take the study's winner: the finalists' choice, not the single-seed
+    best (both go through autoft.results.tables.best_trial)."""
+    from autoft.export.export import select_trial
+    from autoft.results.tables import best_trial
+
+    r, _ = searched
+    rec = r.study.user_attrs[ATTR_FINALISTS]
+    other = next(f["trial"] for f in rec["finalists"] if f["trial"] != rec["chosen_trial"])
+    try:
+        r.study.set_user_attr(ATTR_FINALISTS, {**rec, "chosen_trial": other})
+        assert best_trial(r.study).number == other
+        assert select_trial(r.study, None).number == other
+    finally:
+        r.study.set_user_attr(ATTR_FINALISTS, rec)
+    assert select_trial(r.study, None).number == rec["chosen_trial"]

@@ -150,7 +150,8 @@ def _short_reason(reason: str) -> str:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The study's best completed trial, or None. In a multi-objective study (the metric and a latency,
+    """The study's winner, or None: the finalists' choice when one is recorded and still stands
+    (:func:`autoft.study.finalists.chosen_trial`), else the best completed trial. In a multi-objective study (the metric and a latency,
     ``--objectives``) where Optuna has no single best trial: the most accurate member of the Pareto set
     (ties: the faster one, then the earlier one), which the final check and the export use by default."""
     if len(study.directions) > 1:
@@ -159,10 +160,10 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
             return None
         sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
         return min(front, key=lambda t: (sign * t.values[0], t.values[1], t.number))
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
+    from autoft.study.finalists import chosen_trial
+
+    # the finalists' choice (re-run over seeds, chosen by mean) when the study records one that still stands
+    return chosen_trial(study)
 
 
 def best_document(study: optuna.Study, task, trial: FrozenTrial | None = None, test_metrics: dict | None = None,
