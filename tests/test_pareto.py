@@ -142,3 +142,17 @@ def test_pareto_table_dominance_with_ties():
     assert list(front.number) == [2, 0, 1, 3]
     assert list(pareto_table(df.assign(score=-df.score), "loss", "minimize").number) == [2, 0, 1, 3]
     assert list(pareto_table(df, "loss", "minimize").number) == [2]  # lowest loss and fastest
+
+
+def test_evaluate_a_multi_objective_study(mo_search, tmp_path):
+    """`autoft evaluate` on a multi-objective study (FrozenTrial.value raises there): the most accurate Pareto
+    member, its search score read from the first objective."""
+    from autoft.evaluation.sources import evaluate_trial
+    from autoft.results.tables import best_trial
+
+    task, _, r, root = mo_search
+    ev = evaluate_trial(task, results_dir=root, out=tmp_path / "ev", explain=0, n_boot=50, html=False)
+    winner = best_trial(r.study)
+    doc = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert doc["trial"] == ev.summary["trial"] == winner.number
+    assert doc["validation_score_search"] == pytest.approx(winner.values[0])

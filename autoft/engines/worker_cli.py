@@ -70,7 +70,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from autoft.engines.optuna_engine import create_study, run_study
     from autoft.study import open_storage
     from autoft.study.budget import count_finished, worker_id
-    from autoft.study.record import ATTR_SURPLUS, trial_origin
+    from autoft.study.record import ATTR_SURPLUS, metric_value, trial_origin
 
     check_budget_options(args)  # --n-trials, --timeout, --threads
     if args.threads is not None:
@@ -99,7 +99,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if trial.user_attrs.get(ATTR_SURPLUS):
             return
         mine.append(trial.number)
-        val = f"{trial.value:.4f}" if trial.value is not None else "-"
+        value = metric_value(trial)  # trial.value raises in a multi-objective study
+        val = f"{value:.4f}" if value is not None else "-"
         origin = trial_origin(trial)
         console.print(f"{me} · trial #{trial.number} {trial.state.name.lower()} ({val})"
                       f"{'' if origin == 'sampler' else ' · ' + origin} · study "

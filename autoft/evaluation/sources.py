@@ -120,6 +120,7 @@ def evaluate_trial(task, *, study: str = "default", trial: int | None = None, re
     from autoft.core.train import memory_budget
     from autoft.export.export import open_study, select_trial
     from autoft.study import ensure_inside, validate_name
+    from autoft.study.record import metric_value
     from autoft.task import Task, load_task
 
     task = task if isinstance(task, Task) else load_task(task)
@@ -139,7 +140,7 @@ def evaluate_trial(task, *, study: str = "default", trial: int | None = None, re
     log.info("refitting trial #%d (%s) to evaluate it", ft.number, cfg.backbone)
     res = fine_tune_and_score(cfg, td, cache=cache, test=len(td.splits.test) > 0, return_model=True)
     ctx = {"study": study, "trial": ft.number, "best_trial": best, "config": cfg.model_dump(),
-           "validation_score_search": ft.value}
+           "validation_score_search": metric_value(ft)}
     if data is None:
         if split not in SPLITS:
             raise ConfigError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}", field="--split")
