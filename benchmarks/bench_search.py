@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -349,6 +350,7 @@ def main(argv=None) -> int:
            "target": target, "cap_s": args.cap, "cap_random_s": args.cap_random, "seeds": args.seeds,
            "command": "python benchmarks/bench_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "environment": env, "runs": rows, "total_benchmark_s": round(time.perf_counter() - t_start, 1)}
+    env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     md = render(doc)
     j, m = _util.write(f"search_{task.name}", doc, md, args.out)
     print(md)
