@@ -247,3 +247,20 @@ def test_a_new_process_does_not_sample_the_configuration_already_tried(tmp_path)
 
     first, second = one_trial_in_a_new_process(), one_trial_in_a_new_process()
     assert first != second
+
+
+def test_most_common_failure_is_cut_at_a_word_not_mid_word():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from autoft.results.tables import most_common_failure
+    from autoft.study.record import ATTR_FAIL
+
+    long = "weights file 'x.pth' is not in the cache folder " * 10 + "Put the file there"
+    trials = [create_trial(state=TrialState.FAIL, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0, 1)},
+                           user_attrs={ATTR_FAIL: long}) for _ in range(2)]
+    reason, n = most_common_failure(trials)
+    assert n == 2 and len(reason) <= 300 and reason.endswith(" …")
+    assert long.startswith(reason[:-2]) and long[len(reason) - 2] == " "  # the cut falls between two words
+    short = [create_trial(state=TrialState.FAIL, params={}, distributions={}, user_attrs={ATTR_FAIL: "NaN loss\nmore"})]
+    assert most_common_failure(short) == ("NaN loss", 1)

@@ -145,14 +145,19 @@ def most_common_failure(trials: list[FrozenTrial]) -> tuple[str, int] | None:
     return reasons.most_common(1)[0] if reasons else None
 
 
-def _short_reason(reason: str) -> str:
-    return reason.split("\n")[0][:300]
+def _short_reason(reason: str, limit: int = 300) -> str:
+    """The first line of a failure reason, at most ``limit`` characters, cut at a word boundary ("…" marks a cut)."""
+    line = reason.split("\n")[0]
+    if len(line) <= limit:
+        return line
+    head = line[:limit - 2]
+    return (head.rsplit(" ", 1)[0] if " " in head else head) + " …"
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The study's winner, or None: the finalists' choice when one is recorded and still stands
-    (:func:`autoft.study.finalists.chosen_trial`), else the best completed trial. In a multi-objective study (the metric and a latency,
-    ``--objectives``) where Optuna has no single best trial: the most accurate member of the Pareto set
+    (:func:`autoft.study.finalists.chosen_trial`), else the best completed trial. In a multi-objective
+    study (the metric and a latency, ``--objectives``) where Optuna has no single best trial: the most accurate member of the Pareto set
     (ties: the faster one, then the earlier one), which the final check and the export use by default."""
     if len(study.directions) > 1:
         front = study.best_trials  # the non-dominated completed trials
