@@ -163,7 +163,7 @@ def test_nan_loss_fails_the_trial(small_digits_task, feature_cache):
 
 
 def test_infinite_loss_fails_the_trial(small_digits_task, feature_cache, monkeypatch):
-    import autoft.core.train as train
+    import autoft.core.losses as losses  # the trial's criterion (autoft.core.losses.build_criterion)
 
     calls, real_cross_entropy = [], F.cross_entropy
 
@@ -172,7 +172,7 @@ def test_infinite_loss_fails_the_trial(small_digits_task, feature_cache, monkeyp
         loss = real_cross_entropy(logits, target, **kw)
         return loss * float("inf") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train.F, "cross_entropy", exploding)
+    monkeypatch.setattr(losses.F, "cross_entropy", exploding)
     with pytest.raises(TrialFailed, match=r"loss became inf at epoch 1, step 3"):
         fine_tune_and_score(HEAD_ONLY, small_digits_task, cache=feature_cache)
 
