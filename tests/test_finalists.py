@@ -163,8 +163,12 @@ def test_distinct_configurations_and_a_stale_record():
     study.set_user_attr(ATTR_FINALISTS, {"k": 3, "direction": "maximize", "chosen_trial": 2,
                                          "finalists": [{"trial": n} for n in (1, 2, 3)]})
     assert chosen_trial(study).number == 2
-    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.99, user_attrs={"config": {"lr": 9e-3}}))
-    assert chosen_trial(study).number == 4  # the study moved on: the single-seed best again
+    # a configuration that does not validate (written by another version or process) is never a finalist
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.98, user_attrs={"config": {"lr": "fast"}}))
+    assert [t.number for t in select_finalists(study.trials, "maximize", 3)] == [1, 2, 3]
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.99,
+                                 user_attrs={"config": {"backbone": "resnet20", "lr": 9e-3, "seed": 0}}))
+    assert chosen_trial(study).number == 5  # the study moved on: the single-seed best again
 
 
 def test_disabled_is_todays_behaviour_and_the_cli_prints_them(fewshot, tmp_path, capsys):

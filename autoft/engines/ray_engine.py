@@ -318,7 +318,6 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: l
         raise ConfigError(f"--max-concurrent must be at least 1, got {max_concurrent}")
     if req.extend:
         raise ConfigError("--extend is not supported with --backend ray; use a new --study-name")
-    refuse_multi_objective(req)
     task = req.task
     if ex.device.startswith("cuda") and gpus_per_trial == 0:
         raise ConfigError(f"task '{task.name}' runs on device {ex.device}: pass --gpus-per-trial "
@@ -331,6 +330,7 @@ def run_ray(req: SearchRequest, *, task_data: TaskData | None = None, enqueue: l
                           f"code. autoft now keeps experiments in {path}. If you trust this results folder, move "
                           f"{legacy} to {path} and run the same command again; otherwise delete it, or start a new "
                           "sweep with another --study-name")
+    refuse_multi_objective(req)  # after the check above: it opens the study, which must not touch an untrusted folder
     task_data = task_data or task.prepare(device=ex.device)
 
     import ray

@@ -136,8 +136,19 @@ def config_key(cfg: dict) -> str:
 
 
 def _valid(t: FrozenTrial) -> bool:
+    """A completed single-objective trial with a finite value and a configuration that validates (a shared study
+    may hold one written by another version or process: it is never re-run, and so never a finalist)."""
+    from autoft.core.config import TrialConfig
+
     v = t.value if t.state == TrialState.COMPLETE and len(t.values or ()) == 1 else None
-    return (v is not None and math.isfinite(v) and isinstance(t.user_attrs.get(ATTR_CONFIG), dict))
+    cfg = t.user_attrs.get(ATTR_CONFIG)
+    if v is None or not math.isfinite(v) or not isinstance(cfg, dict):
+        return False
+    try:
+        TrialConfig(**cfg)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def select_finalists(trials: list[FrozenTrial], direction: str, k: int,
