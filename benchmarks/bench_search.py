@@ -430,8 +430,11 @@ def render(doc: dict) -> str:
           _util.md_table(table, list(table[0].keys())), ""]
     for a in anchors:
         s = per_anchor[a]
+        bounds = sum(1 for r in rows if (r.get("speedups", {}).get(a) or (None, ""))[1] == "lower bound")
+        note = f" ({bounds} of them lower bounds: the anchor hit its cap)" if bounds else ""
         md.append(f"Median time-to-target ratio against {ANCHOR_NAMES[a]} over the {s['determined']} of {len(rows)} "
-                  f"seeds where a run reached the target: **{s['median_speedup']:.1f}x**" if s["median_speedup"] is not None
+                  f"seeds where a run reached the target: **{s['median_speedup']:.1f}x**{note}"
+                  if s["median_speedup"] is not None
                   else f"Against {ANCHOR_NAMES[a]}: undetermined (no run reached the target)")
         md.append("")
     md.append("A censored run (not reached: cap) counts at its cap: '≥' are lower bounds, '≤' upper bounds; seeds "
