@@ -195,10 +195,8 @@ def run_ray_asha(req, task_data, target: float, cap: float, seed: int) -> dict:
     elapsed = time.perf_counter() - state["t0"]
     df = grid.get_dataframe()
     n = len(df)
-    if "epoch" in df:
-        pruned = int(((df["epoch"] < epochs) & ~df.get("completed", False).astype(bool)).sum())
-    else:
-        pruned = 0
+    # trials ASHA stopped before their last epoch (a trial's last report is its row here)
+    pruned = int((df["epoch"] < epochs).sum()) if "epoch" in df else 0
     tmp.cleanup()
     return {"seconds": state["reached"] if state["reached"] is not None else elapsed,
             "reached": state["reached"] is not None, "trials": n, "pruned": pruned, "best": state["best"]}
