@@ -25,6 +25,12 @@ class TrialConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(5, ge=1)
+    head_first: int = Field(
+        0, ge=0, description="depth as a fidelity (LP-FT, Kumar et al. 2022): the first head_first epochs train the "
+        "head alone on the cached pooled features (as unfreeze 0, cheap), then the last `unfreeze` stages and the "
+        "warm-started head train for the other epochs (own optimizer and schedule). Every epoch is reported, so a "
+        "pruner can stop a trial while it is still head-only. 0 = off; below epochs when unfreeze > 0 (checked "
+        "when the trial runs); ignored with unfreeze 0")
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming up linearly")
     label_smoothing: float = Field(0.0, ge=0, lt=1)

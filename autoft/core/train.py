@@ -232,6 +232,25 @@ def model_forward(model: Classifier, xb, start: int, device, precision: str, nhw
         return model.forward_from(xb, start).float().cpu()
 
 
+class _PhaseReporter:
+    """The reporter of one phase of a ``head_first`` trial: its epochs are numbered after the ``offset`` epochs
+    of the phases before it, so the engine sees one run of ``epochs`` epochs. ``on_first_steps`` (the GPU
+    packing's memory probe) is passed on only in the phase that trains the configured depth."""
+
+    def __init__(self, reporter: Reporter, offset: int, probe: bool):
+        self.reporter, self.offset, self.stopped = reporter, offset, False
+        if probe and hasattr(reporter, "on_first_steps"):
+            self.on_first_steps = reporter.on_first_steps
+
+    def on_train_start(self) -> None:  # each phase's set-up (its prefix features) is not timed as an epoch
+        if callable(getattr(self.reporter, "on_train_start", None)):
+            self.reporter.on_train_start()
+
+    def report(self, step: int, value: float, metrics: dict[str, float]) -> bool:
+        self.stopped = bool(self.reporter.report(step + self.offset, value, metrics))
+        return self.stopped
+
+
 @_gpu.oom_guard
 def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Reporter | None = None, *,
                         cache: FeatureCache | None = None, use_cache: bool = True,
@@ -240,12 +259,52 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
     """Fine-tune ``config`` on ``task`` and score it on the validation split after every epoch.
 
     ``use_cache`` computes the frozen prefix once (exact: same numbers as ``use_cache=False``).
+    With ``head_first`` (and ``unfreeze`` > 0) the first ``head_first`` epochs train the head alone (as
+    ``unfreeze=0``: on the cached pooled features), then the configured depth trains for the other epochs,
+    starting from that head; epochs are numbered and reported across both phases.
     Raises :class:`TrialFailed` when the loss becomes NaN/inf or memory runs out.
     """
     t0 = time.perf_counter()
     cfg = config if isinstance(config, TrialConfig) else TrialConfig(**config)
     reporter = reporter or NullReporter()
     cache = cache or FeatureCache()
+    kw = dict(cache=cache, use_cache=use_cache, train_on=train_on, evaluate_on=evaluate_on)
+    if not (cfg.head_first and cfg.unfreeze):
+        return _fine_tune(cfg, task, reporter, test=test, return_model=return_model, **kw)
+    if cfg.head_first >= cfg.epochs:
+        raise ConfigError(f"head_first={cfg.head_first} must be below epochs={cfg.epochs}: the head-only epochs "
+                          f"come first, then unfreeze={cfg.unfreeze} trains for the others", field="head_first")
+    width = cache.backbone(cfg.backbone).feature_dim  # (a first build of the backbone draws random numbers)
+    torch.manual_seed(cfg.seed)  # the same initial head as without head_first
+    head = build_head(width, task.data.num_classes, cfg)
+    k = cfg.head_first
+    phase = _PhaseReporter(reporter, 0, probe=False)
+    first = _fine_tune(cfg.model_copy(update={"unfreeze": 0, "epochs": k, "head_first": 0}), task, phase,
+                       head=head, return_model=return_model, **kw)
+    if phase.stopped or first.stopped_early:  # stopped while head-only
+        first.stopped_early = first.epochs_run < cfg.epochs
+        first.seconds = time.perf_counter() - t0
+        return first
+    res = _fine_tune(cfg.model_copy(update={"epochs": cfg.epochs - k, "head_first": 0}), task,
+                     _PhaseReporter(reporter, k, probe=True), head=head, test=test, return_model=return_model, **kw)
+    res.history = first.history + [{**h, "epoch": h["epoch"] + k} for h in res.history]
+    res.epochs_run = len(res.history)
+    sign = -1.0 if task.direction == "minimize" else 1.0
+    if sign * first.best_score >= sign * res.best_score:
+        res.best_score, res.best_epoch = first.best_score, first.best_epoch
+    else:
+        res.best_epoch += k
+    res.data = {**res.data, "head_first_seconds": round(first.seconds, 3)}
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _fine_tune(cfg: TrialConfig, task: TaskData, reporter: Reporter, *, cache: FeatureCache, use_cache: bool,
+               train_on: tuple[str, ...], evaluate_on: str, test: bool = False, return_model: bool = False,
+               head: torch.nn.Module | None = None) -> FineTuneResult:
+    """One training run of ``cfg`` (:func:`fine_tune_and_score`); ``head``: a head to train on (warm start)
+    instead of a new one."""
+    t0 = time.perf_counter()
     device = resolve_device(task.device)
     precision = resolve_precision(cfg.precision, device)  # autoft.core.precision: fp32 on the CPU unless asked
     configure_backends(device)
@@ -341,7 +400,8 @@ def fine_tune_and_score(config: TrialConfig | dict, task: TaskData, reporter: Re
                               precision=precision, nhwc=nhwc)
 
     torch.manual_seed(cfg.seed)
-    head = build_head(backbone.feature_dim, task.data.num_classes, cfg)
+    if head is None:
+        head = build_head(backbone.feature_dim, task.data.num_classes, cfg)
     model = Classifier(backbone, head).to(device)
     nhwc = channels_last(backbone, device)
     if nhwc:
