@@ -220,9 +220,33 @@ def _fits(param, value, chosen: dict) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
-def prior_params(scores: list[BackboneScore], policy: RankPolicy, space) -> list[dict]:
-    """The parameter sets to enqueue first: each recipe on each top-ranked backbone (recipe by recipe),
-    restricted to the space; duplicates are dropped."""
+def task_shape(task_data: TaskData | None) -> dict | None:
+    """What a recipe's ``when_task`` reads: the number of classes and the training examples per class
+    (training split size / classes); None without task data."""
+    if task_data is None:
+        return None
+    classes = task_data.data.num_classes
+    return {"classes": classes, "train_per_class": len(task_data.splits.train) / max(1, classes)}
+
+
+def recipe_applies(recipe: dict, shape: dict | None) -> bool:
+    """Whether a recipe's ``when_task`` condition holds for a task of this shape (:func:`task_shape`); a
+    recipe without one always applies, one with a condition never does when the shape is unknown."""
+    cond = recipe.get("when_task")
+    if not cond:
+        return True
+    if shape is None:
+        return False
+    checks = {"min_classes": lambda v: shape["classes"] >= v, "max_classes": lambda v: shape["classes"] <= v,
+              "min_train_per_class": lambda v: shape["train_per_class"] >= v,
+              "max_train_per_class": lambda v: shape["train_per_class"] <= v}
+    return all(checks[k](v) for k, v in cond.items())
+
+
+def prior_params(scores: list[BackboneScore], policy: RankPolicy, space, shape: dict | None = None) -> list[dict]:
+    """The parameter sets to enqueue first: each recipe that applies to the task (``shape``: :func:`task_shape`;
+    see :func:`recipe_applies`) on each top-ranked backbone (recipe by recipe), restricted to the space;
+    duplicates are dropped."""
     from autoft.space import num_stages
 
     recipes = policy.first_trials
@@ -230,9 +254,13 @@ def prior_params(scores: list[BackboneScore], policy: RankPolicy, space) -> list
         recipes = space.first_trials if space.first_trials is not None else [RECIPE]
     out = []
     for recipe in recipes:
+        if not recipe_applies(recipe, shape):
+            continue
         for b in kept_backbones(scores, policy.drop_below)[: policy.enqueue]:
             params = {"backbone": b}
             for name, value in recipe.items():
+                if name == "when_task":
+                    continue
                 if name == "unfreeze" and value == "half":
                     value = max(1, round(num_stages(b) / 2))
                     p = space.get("unfreeze")
@@ -251,12 +279,12 @@ def plan_first_trials(req, task_data: TaskData, cache: FeatureCache,
     to rank) and the parameter sets to run first (:func:`prior_params`)."""
     backbones = req.space.backbones
     if len(backbones) < 2:
-        return [], prior_params([BackboneScore(b) for b in backbones], policy, req.space)
+        return [], prior_params([BackboneScore(b) for b in backbones], policy, req.space, task_shape(task_data))
     t0 = time.perf_counter()
     scores = rank_backbones(task_data, backbones, cache, methods=policy.methods)
     log.info("ranked %d backbones in %.1fs: %s", len(scores), time.perf_counter() - t0,
              ", ".join(f"{s.backbone} {s.logme:.3f}" if s.logme is not None else s.backbone for s in scores))
-    return scores, prior_params(scores, policy, req.space)
+    return scores, prior_params(scores, policy, req.space, task_shape(task_data))
 
 
 def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: RankPolicy) -> list[BackboneScore]:

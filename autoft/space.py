@@ -13,7 +13,8 @@ A space file maps parameter names (fields of :class:`~autoft.core.config.TrialCo
 
 One key is not a parameter: ``first_trials``, a list of partial configurations (recipes) that a new
 study tries first, on the best-ranked backbone (see :mod:`autoft.rank`); ``unfreeze: half`` means
-half of that backbone's stages; parameters a recipe does not name are sampled.
+half of that backbone's stages; parameters a recipe does not name are sampled.  A recipe's ``when_task``
+(e.g. ``{min_classes: 20, max_train_per_class: 20}``) restricts it to tasks of that shape.
 
 :meth:`SearchSpace.sample` is a define-by-run function over any Optuna-style trial (``suggest_*``),
 so the Optuna engine and Ray Tune's ``OptunaSearch`` use the same code.
@@ -202,6 +203,9 @@ def _parse_first_trials(spec: Any, file) -> list[dict]:
     for i, recipe in enumerate(spec):
         for name, value in recipe.items():
             fld = f"{FIRST_TRIALS}[{i}].{name}"
+            if name == WHEN_TASK:
+                _check_when_task(value, file, fld)
+                continue
             if name == "backbone":
                 raise ConfigError("a first trial takes its backbone from the ranking (the best-ranked first); "
                                   "leave 'backbone' out", file=file, field=fld)
@@ -213,6 +217,25 @@ def _parse_first_trials(spec: Any, file) -> list[dict]:
                 continue
             _check_value(name, value, file, fld)
     return [dict(r) for r in spec]
+
+
+# A recipe's ``when_task`` condition: the recipe runs only on a task whose training split has that many classes
+# and (on average) that many examples per class, e.g. ``when_task: {min_classes: 20, max_train_per_class: 20}``
+# (autoft.rank.recipe_applies).
+WHEN_TASK = "when_task"
+WHEN_TASK_KEYS = ("min_classes", "max_classes", "min_train_per_class", "max_train_per_class")
+
+
+def _check_when_task(value: Any, file, fld: str) -> None:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"when_task must be a mapping of some of {list(WHEN_TASK_KEYS)} to numbers, e.g. "
+                          "{min_classes: 20, max_train_per_class: 20}", file=file, field=fld)
+    for k, v in value.items():
+        if k not in WHEN_TASK_KEYS:
+            raise ConfigError(f"unknown condition '{k}'{did_you_mean(k, WHEN_TASK_KEYS)}; conditions are: "
+                              f"{', '.join(WHEN_TASK_KEYS)}", file=file, field=f"{fld}.{k}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"{k} must be a number >= 0, got {v!r}", file=file, field=f"{fld}.{k}")
 
 
 def _parse_param(name: str, spec: Any, file) -> Param:
