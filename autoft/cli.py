@@ -88,6 +88,10 @@ def cmd_search(args) -> int:
 
     check_budget_options(args)
     task, _ = _task_and_study(args)
+    if args.device:  # one device for the whole command: ranking, trials, finalists, final check, evaluation
+        from autoft.core.device import resolve_device
+
+        task = task.model_copy(update={"device": resolve_device(args.device)})  # a device that is not there: error
     console = _console()
     view = SearchProgress(console, timeout_mode=args.timeout_mode or task.budget.timeout_mode)
     try:
@@ -299,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trials: no new trial starts after the timeout (running trials and the final check run "
                         "to their end). Default: the task's budget.timeout_mode")
     s.add_argument("--n-jobs", type=int, default=1, help="parallel trials in this process (threads)")
+    s.add_argument("--device", metavar="DEVICE",
+                   help="cpu, auto (the first CUDA GPU, else MPS, else the CPU), cuda, cuda:N or mps; replaces the "
+                        "task's device for the whole command. Default: the task's device")
     s.add_argument("--pruner", choices=["hyperband", "median", "successive_halving", "none"])
     s.add_argument("--objectives", metavar="LIST",
                    help="accuracy (default: the task's metric alone) or accuracy,latency: a multi-objective study "

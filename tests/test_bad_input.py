@@ -225,3 +225,32 @@ def test_mutated_tasks_never_crash(doc, key, value):
         assert str(exc).startswith("gen.yaml: ") and "field '" in str(exc)
         return
     assert isinstance(t.name, str)
+
+
+@pytest.mark.parametrize("device, expected", [("tpu", "not one of cpu, auto, cuda, cuda:N, mps"),
+                                              ("cuda:99", "cuda:99")])
+def test_device_option_is_checked_before_anything_runs(capsys, tmp_path, device, expected):
+    """`autoft search --device` replaces the task's device; a device that is not there is an error naming it."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    err = _run(capsys, tmp_path, _task(tmp_path), "--device", device)
+    assert "device" in err and expected in err
+    assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_device_option_replaces_the_tasks_device(tmp_path, monkeypatch):
+    import autoft.api
+
+    seen = {}
+
+    def fake_search(task, **kw):
+        seen["device"] = task.device
+        raise SystemExit(0)  # stop here: only the device handed to the search matters
+
+    monkeypatch.setattr(autoft.api, "search", fake_search)
+    with pytest.raises(SystemExit):
+        main(["search", "--task", str(_task(tmp_path, device="cuda")), "--results-dir", str(tmp_path / "r"),
+              "--device", "cpu"])
+    assert seen["device"] == "cpu"

@@ -7,6 +7,7 @@ scaler, so those paths are exercised here too.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -23,10 +24,21 @@ DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))]
 
 CFG = dict(backbone="resnet20", lr=1e-3, epochs=1, batch_size=32, seed=0)
+# The text encoder of the text-on-the-device test: MiniLM, or (on a lent GPU machine that cannot carry its 88 MB
+# of weights) a folder with MiniLM's config and tokenizer and random weights: benchmarks/gpu_checks.sh makes one.
+TEXT_BACKBONE = os.environ.get("AUTOFT_TEST_TEXT_BACKBONE", "minilm")
 
 
 def on(task, device):
     return dataclasses.replace(task, device=device)
+
+
+def loss_tol(device: str, cpu: float) -> float:
+    """How close the cached and uncached training losses must be. On the CPU the same kernels run either way; on
+    CUDA the frozen prefix is computed in other batch shapes than the training steps use, so cuDNN (autotuned,
+    TF32 convolutions by default) picks other algorithms: losses agree to ~3e-4 (measured on an H100), scores
+    exactly."""
+    return cpu if device == "cpu" else 2e-3
 
 
 # --- precision resolution --------------------------------------------------------------------------
@@ -68,7 +80,8 @@ def test_cached_and_uncached_agree_on_the_device(small_digits_task, device, unfr
     cached = fine_tune_and_score(cfg, task, cache=cache, use_cache=True, return_model=True)
     uncached = fine_tune_and_score(cfg, task, cache=cache, use_cache=False)
     assert cached.score == pytest.approx(uncached.score, abs=1e-5)
-    assert cached.history[0]["train_loss"] == pytest.approx(uncached.history[0]["train_loss"], abs=1e-4)
+    assert cached.history[0]["train_loss"] == pytest.approx(uncached.history[0]["train_loss"],
+                                                            abs=loss_tol(device, 1e-4))
     # the returned model is a plain CPU float32 model (what export and predict take)
     p = next(cached.model.parameters())
     assert p.device.type == "cpu" and p.dtype == torch.float32
@@ -99,12 +112,12 @@ def test_text_prefix_pads_on_the_device(sms_small, device):
     task = TaskData(sms_small, splits, metric="f1_pos", positive_index=sms_small.class_names.index("spam"),
                     device=device, name="sms")
     cache = FeatureCache(disk=False)
-    cfg = dict(backbone="minilm", unfreeze=1, lr=5e-5, head_lr_mult=100, epochs=1, batch_size=16, seed=0,
+    cfg = dict(backbone=TEXT_BACKBONE, unfreeze=1, lr=5e-5, head_lr_mult=100, epochs=1, batch_size=16, seed=0,
                precision="fp32")
     cached = fine_tune_and_score(cfg, task, cache=cache, use_cache=True)
     uncached = fine_tune_and_score(cfg, task, cache=cache, use_cache=False)
     assert cached.score == pytest.approx(uncached.score, abs=1e-5)
-    bb = cache.backbone("minilm").set_unfreeze(1)
+    bb = cache.backbone(TEXT_BACKBONE).set_unfreeze(1)
     encoded, _ = cache.encoded(sms_small, bb.preprocessing)
     out = compute_prefix(bb, tuple(t[:8] for t in encoded), bb.split, device)
     assert isinstance(out, tuple) and out[0].shape[1] == encoded[1].shape[1] and text_mask(out) is not None
@@ -136,7 +149,7 @@ def test_bf16_cached_and_uncached_agree(small_digits_task, device):
     cfg = {**CFG, "unfreeze": 2, "precision": "bf16"}
     a = fine_tune_and_score(cfg, task, cache=cache, use_cache=True)
     b = fine_tune_and_score(cfg, task, cache=cache, use_cache=False)
-    assert a.history[0]["train_loss"] == pytest.approx(b.history[0]["train_loss"], abs=1e-5)
+    assert a.history[0]["train_loss"] == pytest.approx(b.history[0]["train_loss"], abs=loss_tol(device, 1e-5))
     assert a.score == pytest.approx(b.score, abs=1e-5)
 
 
@@ -183,3 +196,31 @@ def test_exported_program_predicts_on_the_device_like_the_cpu_model(feature_cach
     out = _Pt2Backend(path, device)((x,))
     tol = 1e-4 if device == "cpu" else DEVICE_ATOL
     assert abs(out - ref).max() <= tol
+
+
+# --- the training input on the GPU, the loss read once an epoch ---------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_in_memory_input_is_indexed_on_the_gpu_with_the_same_result(small_digits_task, monkeypatch):
+    task = on(small_digits_task, "cuda")
+    cfg = {**CFG, "unfreeze": 1, "precision": "fp32"}
+    resident = fine_tune_and_score(cfg, task, cache=FeatureCache(disk=False))
+    assert resident.data["mode"] == "on the device"
+    monkeypatch.setenv("AUTOFT_GPU_RESIDENT", "0")
+    host = fine_tune_and_score(cfg, task, cache=FeatureCache(disk=False))
+    assert host.data["mode"] == "in memory"
+    assert resident.history[0]["train_loss"] == pytest.approx(host.history[0]["train_loss"], abs=loss_tol("cuda", 0))
+    assert resident.score == pytest.approx(host.score, abs=0.02)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_non_finite_loss_fails_the_trial_naming_its_step(small_digits_task, device):
+    """On CUDA the loss is checked once an epoch (no wait per step): the failure still names the first bad step."""
+    import re
+
+    from autoft.errors import TrialFailed
+
+    cfg = dict(backbone="resnet20", unfreeze=1, lr=1e6, optimizer="sgd", epochs=3, batch_size=32, precision="fp32")
+    with pytest.raises(TrialFailed) as err:
+        fine_tune_and_score(cfg, on(small_digits_task, device), cache=FeatureCache(disk=False))
+    assert re.search(r"loss became (nan|inf|-inf) at epoch 1, step \d+ \(lr=1e\+06", str(err.value)), str(err.value)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -54,6 +55,27 @@ def to_device(state, device: torch.device | str, channels_last: bool = False):
     if isinstance(state, tuple):
         return tuple(_copy(s, device, fmt) for s in state)
     return _copy(state, device, fmt)
+
+
+def state_nbytes(state) -> int:
+    """Bytes of a state's tensors (a tensor or a tuple of tensors)."""
+    return int(sum(t.numel() * t.element_size() for t in (state if isinstance(state, tuple) else (state,))))
+
+
+RESIDENT_FRACTION = 0.25  # of the GPU's memory: the most a trial's resident input may take
+
+
+def fits_on_device(state, device: torch.device | str) -> bool:
+    """Whether a trial's whole in-memory input (encoded examples or cached prefix states) is kept on the CUDA
+    ``device`` for the trial, so that a training step indexes it there instead of gathering a batch on the
+    host, pinning it and copying it (on an H100 that host work was most of a MobileNetV2 step). Yes when it
+    takes at most :data:`RESIDENT_FRACTION` of the device's memory and half of what is free now;
+    ``AUTOFT_GPU_RESIDENT=0`` switches it off."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or os.environ.get("AUTOFT_GPU_RESIDENT", "1").strip().lower() in ("0", "false", "no"):
+        return False
+    free, total = torch.cuda.mem_get_info(dev)
+    return state_nbytes(state) <= min(RESIDENT_FRACTION * total, 0.5 * free)
 
 
 # -- cleanup --------------------------------------------------------------------------------------

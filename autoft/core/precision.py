@@ -90,11 +90,21 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
 
 def channels_last(backbone, device: torch.device | str) -> bool:
     """Whether to use the channels-last memory format: image backbones on CUDA (tensor cores read
-    NHWC; on the CPU autoft keeps the contiguous format it always used)."""
+    NHWC; on the CPU autoft keeps the contiguous format it always used). ``AUTOFT_CHANNELS_LAST=0``: never."""
+    import os
+
+    if os.environ.get("AUTOFT_CHANNELS_LAST", "1").strip().lower() in ("0", "false", "no"):
+        return False
     return torch.device(device).type == "cuda" and getattr(backbone.preprocessing, "modality", "") == "image"
 
 
 def configure_backends(device: torch.device | str) -> None:
-    """cuDNN autotuning on CUDA: fixed image sizes let cuDNN pick its fastest convolution once."""
+    """cuDNN autotuning on CUDA is off unless ``AUTOFT_CUDNN_BENCHMARK=1``: it autotunes every new batch shape
+    (training batch, last partial batch, prefix and evaluation batches) before its first use, and a search's
+    trials are short. Measured on an H100 (benchmarks/results/gpu-*.md): a first MobileNetV2 trial on the
+    ants/bees photos took 6.7 s with it and 2.4 s without, later epochs ran at the same speed."""
     if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        import os
+
+        torch.backends.cudnn.benchmark = os.environ.get("AUTOFT_CUDNN_BENCHMARK", "0").strip().lower() in (
+            "1", "true", "yes")

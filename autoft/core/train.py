@@ -232,6 +232,11 @@ def model_forward(model: Classifier, xb, start: int, device, precision: str, nhw
         return model.forward_from(xb, start).float().cpu()
 
 
+def _loss_failure(value: float, epoch: int, step: int, cfg) -> TrialFailed:
+    return TrialFailed(f"loss became {value} at epoch {epoch}, step {step + 1} (lr={cfg.lr:g}, head "
+                       f"lr={cfg.head_lr:g}); the run was stopped. A lower learning rate usually avoids this.")
+
+
 class _PhaseReporter:
     """The reporter of one phase of a ``head_first`` trial: its epochs are numbered after the ``offset`` epochs
     of the phases before it, so the engine sees one run of ``epochs`` epochs. ``on_first_steps`` (the GPU
@@ -372,6 +377,12 @@ def _fine_tune(cfg: TrialConfig, task: TaskData, reporter: Reporter, *, cache: F
         feats, start = encoded, 0
         data_info = {"mode": "in memory"}
     lengths = token_lengths(encoded) if encoded is not None else None
+    if feats is not None and _gpu.fits_on_device(feats, device):
+        # the whole training input on the GPU for this trial: a step indexes it there (no host gather, pinning
+        # and copy per step); the cache's own entry stays on the host
+        feats = _gpu.to_device(feats, device)
+        pos = pos.to(device) if pos is not None else None
+        data_info = {**data_info, "mode": "on the device"}
 
     def train_batches(epoch: int, batches: list[torch.Tensor]):
         """(batch indices, inputs on the CPU, labels) per step, in the order of ``batches``."""
@@ -411,8 +422,8 @@ def _fine_tune(cfg: TrialConfig, task: TaskData, reporter: Reporter, *, cache: F
     groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.lr})
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":  # fused on CUDA: one kernel for the whole update instead of several per tensor
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
     else:
         opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -436,6 +447,9 @@ def _fine_tune(cfg: TrialConfig, task: TaskData, reporter: Reporter, *, cache: F
             model.train()
             perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
             loss_sum = 0.0
+            # on CUDA the loss is not read every step (a read waits for the GPU, which then idles while the next
+            # step is queued): each step's summed loss stays on the device and is checked once an epoch
+            step_losses: list[torch.Tensor] | None = [] if device.type == "cuda" else None
             batches = epoch_batches(perm, cfg.batch_size, lengths, gen)
             t_step = time.perf_counter()
             for step, (b, xb, yb) in enumerate(_timed(train_batches(epoch, batches), clock)):
@@ -445,10 +459,8 @@ def _fine_tune(cfg: TrialConfig, task: TaskData, reporter: Reporter, *, cache: F
                     with autocast(device, precision):
                         logits = model.forward_from(xb, start)
                         loss = criterion(logits, yb)
-                    if not torch.isfinite(loss):
-                        raise TrialFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
-                                          f"(lr={cfg.lr:g}, head lr={cfg.head_lr:g}); the run was stopped. "
-                                          "A lower learning rate usually avoids this.")
+                    if step_losses is None and not torch.isfinite(loss):
+                        raise _loss_failure(loss.item(), epoch, step, cfg)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                 except torch.OutOfMemoryError as exc:  # the trial fails with its reason; see autoft.core.gpu.oom_guard
@@ -458,11 +470,20 @@ def _fine_tune(cfg: TrialConfig, task: TaskData, reporter: Reporter, *, cache: F
                 sched.step()
                 if epoch == 1 and step + 1 == _gpu.PROBE_STEPS and hasattr(reporter, "on_first_steps"):
                     reporter.on_first_steps()  # peak memory of the first steps (GPU packing)
-                loss_sum += loss.detach().item() * len(b)
+                if step_losses is None:
+                    loss_sum += loss.detach().item() * len(b)
+                else:
+                    step_losses.append(loss.detach().float() * len(b))
                 now = time.perf_counter()
                 clock.total += now - t_step
                 clock.steps += 1
                 t_step = now
+            if step_losses:
+                per_step = torch.stack(step_losses).cpu()  # one wait for the GPU per epoch
+                bad = torch.nonzero(~torch.isfinite(per_step)).flatten()
+                if len(bad):
+                    raise _loss_failure(per_step[bad[0]].item(), epoch, int(bad[0]), cfg)
+                loss_sum = float(per_step.double().sum())
             logits = predict(eval_idx)
             metrics = compute_metrics(logits, labels[eval_idx], task.data.num_classes, task.positive_index)
             score = metrics[task.metric]

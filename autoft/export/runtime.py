@@ -762,7 +762,10 @@ class _Pt2Backend:
         program = load_pt2(path)
         try:
             if device != "cpu":
-                program = torch.export.passes.move_to_device_pass(program, device)
+                # an explicit import: torch.export does not import its passes module in every release (2.11)
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, device)
             self.module = program.module()
         except Exception as exc:
             raise ExportError(f"could not prepare the torch.export program {path} on {device}: "
