@@ -145,8 +145,9 @@ def run_search(args, task, task_data) -> dict:
                          "reached": sum(r[name]["reached"] for r in rows),
                          "median_trials": statistics.median(r[name]["trials"] for r in rows)}
         if name != "off":
-            ratios = [r["off"]["seconds"] / r[name]["seconds"] for r in rows]
-            summary[name]["median_ratio_off_over_this"] = statistics.median(ratios)
+            ratios = [r["off"]["seconds"] / r[name]["seconds"] for r in rows if r["off"]["reached"] and r[name]["reached"]]
+            summary[name]["median_ratio_off_over_this"] = statistics.median(ratios) if ratios else None
+            summary[name]["ratio_seeds"] = len(ratios)  # seeds where both reached the target (exact ratios)
     return {"target": target, "reference": {k: ref[k] for k in ("best", "trials", "seconds")}, "cap_s": args.cap,
             "seeds": args.seeds, "rows": rows, "summary": summary}
 
@@ -193,10 +194,12 @@ def render(doc: dict) -> str:
                                                  + f" / {x['trials']} ({x['pruned']})")
             table.append(t)
         md += [_util.md_table(table, list(table[0])), ""]
+        if se.get("load_average_note"):
+            md += [f"Note: {se['load_average_note']}.", ""]
         for n in names:
             s = se["summary"][n]
-            extra = (f"; median ratio off / this: **{s['median_ratio_off_over_this']:.2f}x**"
-                     if "median_ratio_off_over_this" in s else "")
+            extra = (f"; median ratio off / this over the {s['ratio_seeds']} seeds where both reached it: "
+                     f"**{s['median_ratio_off_over_this']:.2f}x**" if s.get("median_ratio_off_over_this") else "")
             md.append(f"- {n}: reached on {s['reached']} of {len(se['rows'])} seeds, median {s['median_s']:.1f} s, "
                       f"median {s['median_trials']} trials{extra}")
         md.append("")
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
         doc.setdefault("commands", {})["search"] = doc["command"]
     doc["total_s"] = round(time.perf_counter() - t0, 1)
     doc["verdict"] = args.verdict
-    env.pop("load_average_at_end", None)
+    env["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     md = render(doc)
     j, m = _util.write(f"depth_{task.name}", doc, md, args.out)
     print(md)
