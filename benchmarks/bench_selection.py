@@ -17,6 +17,8 @@ its own validation and test sets (a gap measured on one split would be one draw)
     nice -n 5 python benchmarks/bench_selection.py                       # digits-fewshot, 5 seeds
     python benchmarks/bench_selection.py --tasks digits-fewshot sms-spam   # + sms-spam head only, 3 seeds
     python benchmarks/bench_selection.py --tasks digits-fewshot --seeds 0 1 --n-trials 6
+    python benchmarks/bench_selection.py --tasks sms-spam banking77 --sms-seeds 0 1 2 3 4 --append
+      # adds these tasks' runs to the stored selection.json (runs of other tasks are kept)
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ PRESETS = {
     # 75 s of CPU per trial on this shared 2-core machine, 12 trials x 5 seeds would not fit ~15 minutes
     "digits-fewshot": {"overrides": {"unfreeze": [0, 1]}, "n_trials": 12},
     "sms-spam": {"overrides": {"unfreeze": 0}, "n_trials": 8},  # MiniLM head only (cached features)
+    # MiniLM head only: 77 intents, 10 training and 10 validation queries each, the official test set (3,080)
+    "banking77": {"overrides": {"unfreeze": 0}, "n_trials": 8},
 }
 
 
@@ -105,7 +109,8 @@ def render(doc: dict) -> str:
     lines = ["## Selection: validation-to-test gap of the chosen winner", "",
              f"Command: `{doc['command']}`  ",
              f"Machine: {doc['environment']['cpu_count']} CPUs, {doc['environment']['torch_threads']} torch thread(s), "
-             f"load average at start {doc['environment']['load_average_at_start']}; total {doc['seconds']:.0f} s  ",
+             f"load average at start {doc['environment']['load_average_at_start']}, at end "
+             f"{doc['environment'].get('load_average_at_end', '?')}; total {doc['seconds']:.0f} s  ",
              f"Finalists: {doc['settings']['finalists']} best distinct configurations x {doc['settings']['finalist_seeds']}"
              " seeds (the trial's own + the rest), chosen by the mean; the winner's test score is a refit with its "
              "own seed. Gap = validation - test, in points (x100). Seed s = the task's seed and its split seed.",
@@ -116,6 +121,10 @@ def render(doc: dict) -> str:
              _util.md_table(pts, ["task", "seed", "complete", "single_trial", "single_val", "single_test",
                                   "gap_single", "chosen_trial", "chosen_val_mean", "chosen_test", "gap_finalists",
                                   "changed", "test_change", "seconds", "finalists_seconds"]), ""]
+    for e in doc.get("earlier", []):
+        env = e["environment"]
+        lines += [f"Earlier runs kept: `{e['command']}` ({env.get('started', '?')}, load average at start "
+                  f"{env['load_average_at_start']}, {e.get('seconds', 0):.0f} s)", ""]
     if doc.get("notes"):
         lines += ["Notes: " + " ".join(doc["notes"]), ""]
     return "\n".join(lines)
@@ -134,6 +143,8 @@ def main(argv=None) -> int:
                     help="a task is started only while the runs so far leave time for it (estimated)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs stored in OUT/selection.json of the tasks not run now (the summary is over all)")
     args = ap.parse_args(argv)
     _util.setup(args.threads)
     import logging
@@ -164,6 +175,17 @@ def main(argv=None) -> int:
                   f"{row['single_test']:.4f} · finalists #{row['chosen_trial']} mean {row['chosen_val_mean']:.4f} "
                   f"test {row['chosen_test']:.4f} · changed {row['changed']} · {row['seconds']:.0f} s", flush=True)
     doc["seconds"] = time.perf_counter() - t0
+    doc["environment"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    stored = args.out / "selection.json"
+    if args.append and stored.is_file():  # earlier runs of the other tasks, with the command that made them
+        import json
+
+        old = json.loads(stored.read_text())
+        kept = [r for r in old["runs"] if r["task"] not in args.tasks]
+        earlier = old.get("earlier", []) + ([{k: old[k] for k in ("command", "environment", "seconds", "notes")
+                                              if k in old}] if kept else [])
+        doc["runs"] = kept + doc["runs"]
+        doc["earlier"] = earlier
     doc["summary"] = summary(doc["runs"])
     md = render(doc)
     j, m = _util.write("selection", doc, md, args.out)
