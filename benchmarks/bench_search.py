@@ -438,6 +438,20 @@ def render(doc: dict) -> str:
     md.append("A censored run (not reached: cap) counts at its cap: '≥' are lower bounds, '≤' upper bounds; seeds "
               "where neither reached the target are left out.")
     md.append("")
+    seen = max(r[k]["best"] for r in rows for k in r if isinstance(r[k], dict) and "best" in r[k])
+    summary["best_seen"] = seen
+    md.append(f"Best completed validation {doc['metric']} seen in any run above: {seen:.4f} (reference best "
+              f"{ref['best']:.4f}).")
+    hist = [(r["seed"], r["autoft"].get("history") or []) for r in rows]
+    if any(h for _, h in hist):
+        md.append("autoft's first trials (the space's first_trials recipes, then the sampler), validation score / "
+                  "epochs: " + "; ".join(f"seed {s}: " + ", ".join(
+                      f"#{t['number']} {t['value']:.4f}/{t['epochs']}" if t["value"] is not None else f"#{t['number']} -"
+                      for t in h[:3]) for s, h in hist) + " (a trial with no score was running when the target "
+                  "was reached).")
+    md.append("")
+    for note in doc.get("notes", []):  # added by hand to the stored JSON, kept by --render
+        md += [note, ""]
     return "\n".join(md)
 
 
