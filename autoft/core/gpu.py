@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoft.core.env import env_flag
 from autoft.errors import TrialFailed
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def fits_on_device(state, device: torch.device | str) -> bool:
     takes at most :data:`RESIDENT_FRACTION` of the device's memory and half of what is free now;
     ``AUTOFT_GPU_RESIDENT=0`` switches it off."""
     dev = torch.device(device)
-    if dev.type != "cuda" or os.environ.get("AUTOFT_GPU_RESIDENT", "1").strip().lower() in ("0", "false", "no"):
+    if dev.type != "cuda" or not env_flag("AUTOFT_GPU_RESIDENT", True):
         return False
     free, total = torch.cuda.mem_get_info(dev)
     return state_nbytes(state) <= min(RESIDENT_FRACTION * total, 0.5 * free)

@@ -349,9 +349,9 @@ def latency_threads() -> int:
 
 def latency_enabled() -> bool:
     """Trials' latency is measured unless ``AUTOFT_LATENCY`` is 0/off/no/false."""
-    import os
+    from autoft.core.env import env_flag
 
-    return os.environ.get("AUTOFT_LATENCY", "1").strip().lower() not in ("0", "off", "no", "false")
+    return env_flag("AUTOFT_LATENCY", True)
 
 
 def measure_latency(cfg, task, cache=None) -> Latency:

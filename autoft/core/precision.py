@@ -26,6 +26,8 @@ import contextlib
 
 import torch
 
+from autoft.core.env import env_flag
+
 from autoft.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -91,9 +93,7 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
 def channels_last(backbone, device: torch.device | str) -> bool:
     """Whether to use the channels-last memory format: image backbones on CUDA (tensor cores read
     NHWC; on the CPU autoft keeps the contiguous format it always used). ``AUTOFT_CHANNELS_LAST=0``: never."""
-    import os
-
-    if os.environ.get("AUTOFT_CHANNELS_LAST", "1").strip().lower() in ("0", "false", "no"):
+    if not env_flag("AUTOFT_CHANNELS_LAST", True):
         return False
     return torch.device(device).type == "cuda" and getattr(backbone.preprocessing, "modality", "") == "image"
 
@@ -104,7 +104,4 @@ def configure_backends(device: torch.device | str) -> None:
     trials are short. Measured on an H100 (benchmarks/results/gpu-*.md): a first MobileNetV2 trial on the
     ants/bees photos took 6.7 s with it and 2.4 s without, later epochs ran at the same speed."""
     if torch.device(device).type == "cuda":
-        import os
-
-        torch.backends.cudnn.benchmark = os.environ.get("AUTOFT_CUDNN_BENCHMARK", "0").strip().lower() in (
-            "1", "true", "yes")
+        torch.backends.cudnn.benchmark = env_flag("AUTOFT_CUDNN_BENCHMARK", False)

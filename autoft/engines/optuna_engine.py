@@ -8,7 +8,6 @@ started again runs only what is missing.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 import zlib
@@ -184,7 +183,9 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
 
 def oom_retry_enabled() -> bool:
     """A trial that runs out of memory is run again once at half its batch size unless AUTOFT_OOM_RETRY=0."""
-    return os.environ.get("AUTOFT_OOM_RETRY", "1").strip().lower() not in ("0", "off", "no", "false")
+    from autoft.core.env import env_flag
+
+    return env_flag("AUTOFT_OOM_RETRY", True)
 
 
 def enqueue_oom_retry(trial: optuna.Trial, exc) -> int | None:
