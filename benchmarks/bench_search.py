@@ -209,6 +209,11 @@ def run_autoft(req, task_data, target: float | None, cap: float, rank=None, prun
     from autoft.core import FeatureCache
     from autoft.engines.optuna_engine import run_study
 
+    from autoft.core.latency import reset_default_meter
+
+    # every run starts as a new command would: no latency measured yet (the meter is the process's, and a
+    # later seed reusing an earlier seed's measurements would be timed without the cost a user pays)
+    reset_default_meter()
     tmp = tempfile.TemporaryDirectory(prefix="autoft-bench-search-")
     # a new request: its study location (storage) is derived from the results folder when it is made
     req = dataclasses.replace(req, results_dir=Path(tmp.name) / "results", pruner=pruner or req.pruner)

@@ -337,6 +337,14 @@ def default_meter() -> LatencyMeter:
         return _DEFAULT
 
 
+def reset_default_meter() -> None:
+    """Forget every measurement of the process's meter: the next search measures its architectures again
+    (a benchmark that times several searches in one process must not let later ones reuse earlier ones')."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        _DEFAULT = None
+
+
 def latency_threads() -> int:
     """Intra-op threads of the CPU figures: ``AUTOFT_LATENCY_THREADS``, else 1."""
     import os
