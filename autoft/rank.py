@@ -116,9 +116,12 @@ class BackboneScore:
 
 
 def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCache,
-                    on: tuple[str, ...] = ("train",)) -> tuple[np.ndarray, np.ndarray]:
+                    on: tuple[str, ...] = ("train",), keep_unfreeze=()) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features of the frozen backbone (a zoo name or a built backbone) for the examples of
     ``on``, and their labels.
+
+    ``keep_unfreeze``: unfreeze counts the search will try on this backbone; the same pass keeps their
+    prefix outputs in the cache (``FeatureCache.prefix(..., keep=)``), so those trials start from them.
 
     Computed for train + validation (the rows head-only trials use, so they share the cache entry):
     in memory from the encoded images, or, when the encoded images would exceed the task's memory
@@ -136,15 +139,17 @@ def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCach
         feats = cache.stream_prefix(bb, task.data, bb.num_stages, rows, device, task.num_workers)
         return feats.read(pos).numpy(), task.data.labels[want]
     encoded, digest = cache.encoded(task.data, bb.preprocessing)
-    feats = cache.prefix(bb, encoded, digest, bb.num_stages, device, rows=rows)
+    keep = [bb.num_stages - int(u) for u in keep_unfreeze if 0 < int(u) < bb.num_stages]
+    feats = cache.prefix(bb, encoded, digest, bb.num_stages, device, rows=rows, keep=keep)
     return feats[pos].numpy(), task.data.labels[want]
 
 
 def rank_backbones(task: TaskData, backbones: list[str], cache: FeatureCache | None = None, *,
                    methods: tuple[str, ...] = ("logme",), knn_k: int = 5,
-                   on: tuple[str, ...] = ("train",)) -> list[BackboneScore]:
+                   on: tuple[str, ...] = ("train",), keep_unfreeze: dict | None = None) -> list[BackboneScore]:
     """Score every backbone; best (highest LogME, else kNN) first.  A backbone that cannot be
-    loaded gets ``error`` set and goes last."""
+    loaded gets ``error`` set and goes last. ``keep_unfreeze`` (backbone -> unfreeze counts): see
+    :func:`frozen_features`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(f"unknown ranking method(s) {unknown}; expected some of {list(METHODS)}")
@@ -154,7 +159,7 @@ def rank_backbones(task: TaskData, backbones: list[str], cache: FeatureCache | N
         t0 = time.perf_counter()
         score = BackboneScore(name)
         try:
-            f, y = frozen_features(name, task, cache, on)
+            f, y = frozen_features(name, task, cache, on, keep_unfreeze=(keep_unfreeze or {}).get(name, ()))
             score.feature_seconds = time.perf_counter() - t0
             score.examples, score.feature_dim = f.shape
             if "logme" in methods:
@@ -281,7 +286,9 @@ def plan_first_trials(req, task_data: TaskData, cache: FeatureCache,
     if len(backbones) < 2:
         return [], prior_params([BackboneScore(b) for b in backbones], policy, req.space, task_shape(task_data))
     t0 = time.perf_counter()
-    scores = rank_backbones(task_data, backbones, cache, methods=policy.methods)
+    # the ranking's pass over each whole backbone also keeps the prefixes of the depths the space can try
+    keep = {b: req.space.unfreeze_values(b) for b in backbones}
+    scores = rank_backbones(task_data, backbones, cache, methods=policy.methods, keep_unfreeze=keep)
     log.info("ranked %d backbones in %.1fs: %s", len(scores), time.perf_counter() - t0,
              ", ".join(f"{s.backbone} {s.logme:.3f}" if s.logme is not None else s.backbone for s in scores))
     return scores, prior_params(scores, policy, req.space, task_shape(task_data))

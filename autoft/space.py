@@ -93,6 +93,23 @@ class SearchSpace:
     def get(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
+    def unfreeze_values(self, backbone: str) -> list[int]:
+        """Every ``unfreeze`` a trial on ``backbone`` can get from this space (sorted; empty when the space
+        has no ``unfreeze``, or a float range)."""
+        p = self.get("unfreeze")
+        if p is None:
+            return []
+        if p.kind == "fixed":
+            vals = [p.value]
+        elif p.kind == "categorical":
+            vals = list(p.choices)
+        elif p.kind == "int":
+            low, high = p.bounds({"backbone": backbone})
+            vals = list(range(int(low), int(high) + 1, int(p.step or 1)))
+        else:
+            return []
+        return sorted({int(v) for v in vals if isinstance(v, int) and not isinstance(v, bool)})
+
     @property
     def backbones(self) -> list[str]:
         p = self.get("backbone")

@@ -164,3 +164,37 @@ def test_unwritable_folder_falls_back_to_memory(tiny_digits, tmp_path):
     cache = FeatureCache(disk=blocker / "features")  # a folder that cannot be created
     r = fine_tune_and_score(_cfg(0), tiny_digits, cache=cache)
     assert cache.disk.enabled is False and np.isfinite(r.score)
+
+
+def test_one_pass_keeps_shallower_splits_exactly(tiny_digits, tmp_path):
+    """The ranking's pass over the whole frozen backbone keeps the splits that trials start from: the kept
+    entries equal separate passes bit for bit, a trial at such a depth then computes nothing, and what is
+    kept is bounded (deepest splits first)."""
+    from autoft.core.cache import compute_prefix, state_nbytes
+    from autoft.rank import frozen_features
+
+    cache = FeatureCache(disk=False)
+    bb = cache.backbone("resnet20").set_unfreeze(0)
+    encoded, digest = cache.encoded(tiny_digits.data, bb.preprocessing)
+    rows = torch.from_numpy(np.union1d(tiny_digits.splits.train, tiny_digits.splits.val)).long()
+    ns = bb.num_stages
+    full, kept = compute_prefix(bb, encoded[rows], ns, keep=(ns - 1, ns - 4))
+    assert sorted(kept) == [ns - 4, ns - 1]
+    assert torch.equal(full, compute_prefix(bb, encoded[rows], ns))
+    for s, out in kept.items():
+        assert torch.equal(out, compute_prefix(bb, encoded[rows], s)), s
+    # a bound that fits only the deepest split (the fewest stages unfrozen) keeps only that one
+    _, capped = compute_prefix(bb, encoded[rows], ns, keep=(ns - 1, ns - 4),
+                               keep_bytes=state_nbytes(kept[ns - 1]) + 1)
+    assert sorted(capped) == [ns - 1]
+
+    # through the ranking: the splits of unfreeze 1 and 4 are kept, and trials at those depths hit them
+    f, _ = frozen_features("resnet20", tiny_digits, cache, keep_unfreeze=[0, 1, 4])
+    assert cache.misses == 1 and cache.kept == 2 and f.shape[0] == len(tiny_digits.splits.train)
+    for k in (1, 4):
+        cached = fine_tune_and_score(_cfg(k), tiny_digits, cache=cache, use_cache=True)
+        plain = fine_tune_and_score(_cfg(k), tiny_digits, cache=FeatureCache(disk=False), use_cache=False)
+        _same(cached, plain)
+    assert cache.misses == 1 and cache.stats()["kept"] == 2  # no new pass
+    fine_tune_and_score(_cfg(2), tiny_digits, cache=cache, use_cache=True)
+    assert cache.misses == 2  # a depth that was not kept is computed as before

@@ -300,6 +300,8 @@ class FeatureCache:
     ``max_disk_bytes`` bounds the folder (default ``AUTOFT_CACHE_MAX_GB`` or 4 GB).
     """
 
+    keep_share = 0.125  # of max_bytes: what one pass may keep of shallower splits (prefix(..., keep=))
+
     def __init__(self, max_bytes: int = 4 << 30, disk: str | Path | bool | DiskCache | None = None,
                  max_disk_bytes: int | None = None):
         self.max_bytes = max_bytes
@@ -307,6 +309,7 @@ class FeatureCache:
         self._encoded: dict[tuple, tuple[State, str]] = {}
         self._prefix: OrderedDict[str, State] = OrderedDict()
         self.hits = self.misses = self.disk_hits = 0
+        self.kept = 0  # entries stored by another split's pass (``prefix(..., keep=)``)
         self._arrays: dict[str, DiskArray] = {}  # streamed features on disk (stream_prefix)
         self._store: ArrayStore | None = None
         self._tmp = None
@@ -401,9 +404,15 @@ class FeatureCache:
 
     def prefix(self, backbone: Backbone, state: State, digest: str, split: int,
                device: torch.device | str = "cpu", batch_size: int = 64,
-               rows: torch.Tensor | None = None) -> State:
+               rows: torch.Tensor | None = None, keep: tuple[int, ...] | list[int] = ()) -> State:
         """Output of stages [0, split) (pooled when split == num_stages) for the examples ``rows``
-        of ``state`` (all when None), in the order of ``rows``."""
+        of ``state`` (all when None), in the order of ``rows``.
+
+        ``keep``: shallower splits (``0 < s < split``) whose outputs the same pass also stores, as entries of
+        their own, when it has to run (the ranking's pass over the whole frozen backbone keeps the splits
+        that the space's trials will start from, so a trial at those depths computes nothing; at most
+        :attr:`keep_share` of ``max_bytes`` is kept that way, the deepest splits first). A pass that is not
+        needed (the entry is cached) computes nothing for ``keep``. Kept entries live in memory only."""
         key = self.prefix_key(backbone, digest, split, rows, device)
         if key in self._prefix:
             self.hits += 1
@@ -417,11 +426,19 @@ class FeatureCache:
             self.misses += 1
             t0 = time.perf_counter()
             sub = state if rows is None else index_state(state, rows)
-            out = compute_prefix(backbone, sub, split, device, batch_size)
-            log.info("feature cache: %s split %d computed for %d examples in %.2fs", backbone.name, split,
-                     len(sub[0]) if isinstance(sub, tuple) else len(sub), time.perf_counter() - t0)
+            extra = {s: self.prefix_key(backbone, digest, s, rows, device) for s in sorted(set(keep), reverse=True)
+                     if 0 < s < split}
+            extra = {s: k for s, k in extra.items() if k not in self._prefix}
+            out, kept = compute_prefix(backbone, sub, split, device, batch_size, keep=tuple(extra),
+                                       keep_bytes=int(self.keep_share * self.max_bytes))
+            log.info("feature cache: %s split %d computed for %d examples in %.2fs%s", backbone.name, split,
+                     len(sub[0]) if isinstance(sub, tuple) else len(sub), time.perf_counter() - t0,
+                     f" (splits {sorted(kept)} kept from the same pass)" if kept else "")
             if self.disk is not None:
                 self.disk.put(key, out)
+            for s, state_s in kept.items():  # in memory only: written to disk they would cost the pass time
+                self.kept += 1
+                self._prefix[extra[s]] = state_s
         self._prefix[key] = out
         self._evict()
         return out
@@ -508,19 +525,27 @@ class FeatureCache:
         return self._store
 
     def stats(self) -> dict[str, int]:
-        return {"memory_hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses,
+        return {"memory_hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses, "kept": self.kept,
                 "memory_entries": len(self._prefix),
                 "memory_bytes": sum(state_nbytes(s) for s in self._prefix.values())}
 
 
 @torch.no_grad()
-def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", batch_size: int = 64) -> State:
+def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", batch_size: int = 64, *,
+                   keep: tuple[int, ...] = (), keep_bytes: int | None = None):
     """Stages [0, split) of ``backbone`` on ``device`` (the backbone is moved there and left there: the
     trial that asked trains it there next), in float32 with autocast off whatever the trial's precision,
-    so the entry is exact and the same for every precision; outputs are kept on the CPU."""
+    so the entry is exact and the same for every precision; outputs are kept on the CPU.
+
+    ``keep`` (shallower splits, ``0 < s < split``): the same pass also returns the outputs of stages [0, s),
+    exactly what a pass to ``s`` gives (the same stages on the same batches); then the result is
+    ``(output, {s: output_s})``. ``keep_bytes`` bounds what is kept (measured on the first batch): splits
+    are kept from the deepest down while their total fits."""
     from autoft.core.gpu import to_device
     from autoft.core.precision import no_autocast
 
+    keep = tuple(sorted({int(s) for s in keep if 0 < int(s) < split}))
+    with_keep = bool(keep) or keep_bytes is not None
     device = torch.device(device)
     backbone.to(device)
     was_training = backbone.training
@@ -532,23 +557,48 @@ def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", b
         # text: batch examples of similar length so that little padding is computed (exact: padding
         # is masked out of attention and pooling); the outputs are put back in dataset order below
         order = torch.argsort(mask.sum(1), stable=True)
-    parts = []
+    width = state[1].shape[1] if isinstance(state, tuple) else None
+
+    def _cpu(out, pad: bool):
+        if pad and isinstance(out, tuple) and width is not None:
+            # keep the full padded width so that examples can be batched together later
+            out = tuple(_pad_to(o, width) for o in out)
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+
+    parts, kept_parts = [], {s: [] for s in keep}
     for i in range(0, n, batch_size):
         xb = index_state(state, slice(i, i + batch_size) if order is None else order[i:i + batch_size])
         xb = to_device(trim_text(xb), device)
+        out, at = xb, 0
         with no_autocast(device):
-            out = backbone.forward_stages(xb, 0, split)
-        if split == backbone.num_stages:
-            with no_autocast(device):
+            for s in kept_parts:
+                out, at = backbone.forward_stages(out, at, s), s
+                kept_parts[s].append(_cpu(out, True))
+            out = backbone.forward_stages(out, at, split)
+            if split == backbone.num_stages:
                 out = backbone.pool(out)
-        elif isinstance(out, tuple) and isinstance(state, tuple):
-            # keep the full padded width so that examples can be batched together later
-            width = state[1].shape[1]
-            out = tuple(_pad_to(o, width) for o in out)
-        parts.append(tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu())
+        parts.append(_cpu(out, split != backbone.num_stages))
+        if i == 0 and kept_parts and keep_bytes is not None:
+            # what keeping each split costs for all n examples, from this first batch: the deepest splits
+            # (the fewest stages unfrozen: the likeliest trials) are kept while the total fits
+            per = {s: state_nbytes(p[0]) * n / max(1, len(p[0][0]) if isinstance(p[0], tuple) else len(p[0]))
+                   for s, p in kept_parts.items()}
+            total, fit = 0.0, set()
+            for s in sorted(per, reverse=True):
+                if total + per[s] <= keep_bytes:
+                    total += per[s]
+                    fit.add(s)
+            kept_parts = {s: p for s, p in kept_parts.items() if s in fit}
     backbone.train(was_training)
-    out = cat_states(parts)
-    return out if order is None else index_state(out, torch.argsort(order))
+
+    def _gather(ps):
+        o = cat_states(ps)
+        return o if order is None else index_state(o, torch.argsort(order))
+
+    out = _gather(parts)
+    if not with_keep:
+        return out
+    return out, {s: _gather(p) for s, p in kept_parts.items()}
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
