@@ -12,13 +12,16 @@ Hyperband, the frozen-prefix cache) with the finalists on (``--finalists`` best 
 
 The seed ``s`` sets the task's ``seed`` (sampler, initialisation) and its split seed, so every seed has
 its own validation and test sets (a gap measured on one split would be one draw). Results go to
-``benchmarks/results/selection.json`` and ``selection.md``.
+``benchmarks/results/selection.json`` and ``selection.md`` (``--name`` another name). ``--finalist-mode cv``
+re-runs the finalists on folds of train+validation at the search's split sizes instead of seeds: their mean is
+then measured on validation examples the search did not choose them on.
 
     nice -n 5 python benchmarks/bench_selection.py                       # digits-fewshot, 5 seeds
     python benchmarks/bench_selection.py --tasks digits-fewshot sms-spam   # + sms-spam head only, 3 seeds
     python benchmarks/bench_selection.py --tasks digits-fewshot --seeds 0 1 --n-trials 6
     python benchmarks/bench_selection.py --tasks sms-spam banking77 --sms-seeds 0 1 2 3 4 --append
       # adds these tasks' runs to the stored selection.json (runs of other tasks are kept)
+    python benchmarks/bench_selection.py --finalist-mode cv --name selection_cv   # folds instead of seeds
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ PRESETS = {
 }
 
 
-def run_one(task_name: str, seed: int, n_trials: int, overrides: dict, k: int, seeds: int) -> dict:
+def run_one(task_name: str, seed: int, n_trials: int, overrides: dict, k: int, seeds: int, mode: str = "seeds") -> dict:
     import autoft
     from autoft.core import FeatureCache, fine_tune_and_score
     from autoft.core.config import TrialConfig
@@ -57,7 +60,8 @@ def run_one(task_name: str, seed: int, n_trials: int, overrides: dict, k: int, s
     td = task.prepare()
     with tempfile.TemporaryDirectory() as tmp:
         r = autoft.search(task, overrides=overrides or None, n_trials=n_trials, results_dir=tmp, task_data=td,
-                          evaluate=False, finalists=k, finalist_seeds=seeds)
+                          evaluate=False, finalists=k, finalist_seeds=seeds,
+                          finalist_mode=mode)
     took = time.perf_counter() - t0
     metric = task.metric
     rec = r.finalists
@@ -98,25 +102,31 @@ def summary(rows: list[dict]) -> list[dict]:
 def _summ(name: str, g: list[dict]) -> dict:
     m = statistics.fmean
     return {"task": name, "runs": len(g), "gap_single": m(r["gap_single"] for r in g),
-            "gap_finalists": m(r["gap_finalists"] for r in g), "test_single": m(r["single_test"] for r in g),
+            "gap_finalists": m(r["gap_finalists"] for r in g), "abs_gap_single": m(abs(r["gap_single"]) for r in g),
+            "abs_gap_finalists": m(abs(r["gap_finalists"]) for r in g), "test_single": m(r["single_test"] for r in g),
             "test_finalists": m(r["chosen_test"] for r in g), "changed": f"{sum(r['changed'] for r in g)}/{len(g)}"}
 
 
 def render(doc: dict) -> str:
     rows, summ = doc["runs"], doc["summary"]
     pts = [{**r, **{k: 100 * r[k] for k in ("gap_single", "gap_finalists", "test_change")}} for r in rows]
-    s_pts = [{**s, **{k: 100 * s[k] for k in ("gap_single", "gap_finalists")}} for s in summ]
+    s_pts = [{**s, **{k: 100 * s[k] for k in ("gap_single", "gap_finalists", "abs_gap_single", "abs_gap_finalists")
+                      if k in s}} for s in summ]
+    st = doc["settings"]
+    how = (f"{st['finalist_seeds']}-fold cross-validation of train+validation at the search's split sizes (every fold "
+           "trains and validates on as many examples per class as the search)" if st.get("finalist_mode") == "cv"
+           else f"{st['finalist_seeds']} seeds (the trial's own + the rest)")
     lines = ["## Selection: validation-to-test gap of the chosen winner", "",
              f"Command: `{doc['command']}`  ",
              f"Machine: {doc['environment']['cpu_count']} CPUs, {doc['environment']['torch_threads']} torch thread(s), "
              f"load average at start {doc['environment']['load_average_at_start']}, at end "
              f"{doc['environment'].get('load_average_at_end', '?')}; total {doc['seconds']:.0f} s  ",
-             f"Finalists: {doc['settings']['finalists']} best distinct configurations x {doc['settings']['finalist_seeds']}"
-             " seeds (the trial's own + the rest), chosen by the mean; the winner's test score is a refit with its "
-             "own seed. Gap = validation - test, in points (x100). Seed s = the task's seed and its split seed.",
+             f"Finalists: {st['finalists']} best distinct configurations x {how}, chosen by the mean; the winner's "
+             "test score is a refit with its own seed on the search's training split. Gap = validation - test, in "
+             "points (x100); abs = mean absolute gap. Seed s = the task's seed and its split seed.",
              "", "### Mean over seeds", "",
-             _util.md_table(s_pts, ["task", "runs", "gap_single", "gap_finalists", "test_single", "test_finalists",
-                                    "changed"]),
+             _util.md_table(s_pts, ["task", "runs", "gap_single", "gap_finalists", "abs_gap_single",
+                                    "abs_gap_finalists", "test_single", "test_finalists", "changed"]),
              "", "### Per run", "",
              _util.md_table(pts, ["task", "seed", "complete", "single_trial", "single_val", "single_test",
                                   "gap_single", "chosen_trial", "chosen_val_mean", "chosen_test", "gap_finalists",
@@ -138,7 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sms-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of sms-spam (costlier)")
     ap.add_argument("--n-trials", type=int, default=None, help="default: per task (digits-fewshot 12, sms-spam 8)")
     ap.add_argument("--finalists", type=int, default=3)
-    ap.add_argument("--finalist-seeds", type=int, default=3)
+    ap.add_argument("--finalist-seeds", type=int, default=3, help="seeds, or folds with --finalist-mode cv")
+    ap.add_argument("--finalist-mode", choices=["seeds", "cv"], default="seeds")
+    ap.add_argument("--name", default="selection", help="results file name (default selection: .json and .md)")
     ap.add_argument("--max-minutes", type=float, default=15.0,
                     help="a task is started only while the runs so far leave time for it (estimated)")
     ap.add_argument("--threads", type=int, default=None)
@@ -155,7 +167,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     doc = {"command": "python benchmarks/bench_selection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "environment": _util.environment(), "notes": [],
-           "settings": {"finalists": args.finalists, "finalist_seeds": args.finalist_seeds}, "runs": []}
+           "settings": {"finalists": args.finalists, "finalist_seeds": args.finalist_seeds,
+                        "finalist_mode": args.finalist_mode}, "runs": []}
     t0 = time.perf_counter()
     for task in args.tasks:
         seeds = args.sms_seeds if task == "sms-spam" else args.seeds
@@ -168,7 +181,7 @@ def main(argv=None) -> int:
                 doc["notes"].append(f"{task} seed {s} not run: the {args.max_minutes:g} min budget was spent.")
                 print(doc["notes"][-1], flush=True)
                 continue
-            row = run_one(task, s, n, preset["overrides"], args.finalists, args.finalist_seeds)
+            row = run_one(task, s, n, preset["overrides"], args.finalists, args.finalist_seeds, args.finalist_mode)
             row["n_trials"], row["overrides"] = n, preset["overrides"]
             doc["runs"].append(row)
             print(f"{task} seed {s}: single #{row['single_trial']} val {row['single_val']:.4f} test "
@@ -176,7 +189,7 @@ def main(argv=None) -> int:
                   f"test {row['chosen_test']:.4f} · changed {row['changed']} · {row['seconds']:.0f} s", flush=True)
     doc["seconds"] = time.perf_counter() - t0
     doc["environment"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    stored = args.out / "selection.json"
+    stored = args.out / f"{args.name}.json"
     if args.append and stored.is_file():  # earlier runs of the other tasks, with the command that made them
         import json
 
@@ -188,7 +201,7 @@ def main(argv=None) -> int:
         doc["earlier"] = earlier
     doc["summary"] = summary(doc["runs"])
     md = render(doc)
-    j, m = _util.write("selection", doc, md, args.out)
+    j, m = _util.write(args.name, doc, md, args.out)
     print(md)
     print(f"wrote {j} and {m}")
     return 0

@@ -139,12 +139,28 @@ def test_cross_validation_folds(searched, fewshot):
     _, td = fewshot
     folds = cv_folds(td.splits, td.data.labels, 3, seed=0)
     pool = np.sort(np.concatenate([td.splits.train, td.splits.val]))
+    labels = td.data.labels
     for s in folds:
         assert np.array_equal(np.sort(np.concatenate([s.train, s.val])), pool)
         assert np.array_equal(s.test, td.splits.test) and not set(s.train) & set(s.val)
-        counts = np.bincount(td.data.labels[s.val], minlength=10)
-        assert counts.max() - counts.min() <= 1  # stratified: every class in every fold
-    assert np.array_equal(np.sort(np.concatenate([s.val for s in folds])), pool)
+        # every class keeps the search's own train and validation sizes (20 + 20 per class here)
+        assert np.array_equal(np.bincount(labels[s.val], minlength=10), np.bincount(labels[td.splits.val], minlength=10))
+        assert np.array_equal(np.bincount(labels[s.train], minlength=10),
+                              np.bincount(labels[td.splits.train], minlength=10))
+    # 40 per class, 20 validated per fold: folds 1-2 validate on disjoint halves that cover the pool, and fold 3
+    # starts another shuffle (it differs from both)
+    assert not set(folds[0].val) & set(folds[1].val)
+    assert np.array_equal(np.sort(np.concatenate([folds[0].val, folds[1].val])), pool)
+    assert not np.array_equal(folds[2].val, folds[0].val) and not np.array_equal(folds[2].val, folds[1].val)
+    assert all(np.array_equal(a.val, b.val) for a, b in zip(folds, cv_folds(td.splits, labels, 3, seed=0)))
+    # a fractional split (70 / 15 per class): 5 disjoint validation parts of 15, each training on the other 70
+    from autoft.data.splits import Splits
+    y = np.repeat(np.arange(2), 100)
+    tr = np.concatenate([np.arange(70), 100 + np.arange(70)])
+    va = np.concatenate([70 + np.arange(15), 170 + np.arange(15)])
+    frac = cv_folds(Splits(tr, va, np.concatenate([85 + np.arange(15), 185 + np.arange(15)])), y, 5, seed=1)
+    assert [len(f.val) for f in frac] == [30] * 5 and [len(f.train) for f in frac] == [140] * 5
+    assert len(set(np.concatenate([f.val for f in frac]))) == 150  # disjoint, covering the pool
     out = run_finalists(r.study, td, FinalistsSpec(2, 2, "cv"), record=False)
     assert [f["folds"] for f in out.record["finalists"]] == [[0, 1], [0, 1]]
     assert all(f["source"] == ["re-run", "re-run"] and f["n"] == 2 for f in out.record["finalists"])

@@ -4,7 +4,8 @@ A winner chosen by one run on a small validation set overstates itself: of many 
 one whose single seed scored highest is partly the luckiest. After the search (Optuna or Ray: the
 trials live in the Optuna study either way) the top ``k`` *distinct* completed configurations are
 re-run with more seeds (``mode="seeds"``: the trial's own seed plus ``seeds - 1`` more) or on
-stratified cross-validation folds of train+validation (``mode="cv"``), scored on validation, and the
+stratified cross-validation folds of train+validation at the search's split sizes (``mode="cv"``,
+:func:`cv_folds`), scored on validation, and the
 winner is the configuration with the best **mean** (in the task's direction). Each finalist gets its
 mean, standard deviation (``ddof=1``), a 95 % **t-interval** of the mean (``mean ± t(0.975, n-1) ·
 std / sqrt(n)``) and its per-seed scores.
@@ -13,8 +14,9 @@ std / sqrt(n)``) and its per-seed scores.
   core is deterministic for a seed; the tests check a re-run reproduces it). Seeds are ``s, s+1, ...``
   with ``s`` the trial's seed.
 * In ``cv`` mode every finalist is trained once per fold with its own seed: fold ``i`` validates on
-  the ``i``-th stratified part of train+validation and trains on the rest (the test split is never
-  touched). Every fold touches the same examples as the search, so the frozen-prefix cache is reused.
+  the ``i``-th stratified part of train+validation, as large per class as the search's validation
+  split, and trains on the rest (as large as the search's training split; the test split is never
+  touched). Its mean is then measured on examples the search did not select it on. Every fold touches the same examples as the search, so the frozen-prefix cache is reused.
 * The winner keeps **its trial's configuration and seed**: the final check, the export and
   ``best.yaml`` are that recorded trial (``autoft train --config best.yaml`` re-runs it exactly). The
   seed does not change the expected test score; the mean only decides *which* configuration.
@@ -223,20 +225,37 @@ def chosen_trial(study) -> FrozenTrial | None:
 
 # -- cross-validation folds ------------------------------------------------------------------------
 def cv_folds(splits, labels: np.ndarray, folds: int, seed: int) -> list:
-    """``folds`` stratified folds of train+validation: fold ``i`` validates on the ``i``-th part of every
-    class and trains on the rest; the test split is kept as it is."""
+    """``folds`` stratified folds of train+validation **at the search's own split sizes**.
+
+    In every class, fold ``i`` validates on as many examples as the search's validation split holds of
+    that class and trains on the rest of the class's train+validation pool, so every fold trains on as
+    many examples per class as the search's trials did (a fold that trained on more would score a
+    configuration above what its refit on the training split reaches: on a few-shot task, 3 plain folds of
+    20 + 20 images per class train on 27). A class's pool of ``n`` with ``v`` validation examples gives
+    ``m = n // v`` disjoint validation parts; folds beyond ``m`` start another shuffle of the pool
+    (repeated stratified k-fold), so any number of folds is possible. The test split is kept as it is."""
     from autoft.data.splits import Splits
 
-    pool = np.concatenate([np.asarray(splits.train), np.asarray(splits.val)])
+    train, val = np.asarray(splits.train), np.asarray(splits.val)
+    pool = np.concatenate([train, val])
     rng = np.random.default_rng(seed)
-    part = np.empty(len(pool), dtype=np.int64)
+    val_of = [[] for _ in range(folds)]
     for cls in np.unique(labels[pool]):
-        where = np.flatnonzero(labels[pool] == cls)
-        where = where[rng.permutation(len(where))]
-        part[where] = np.arange(len(where)) % folds
+        members = pool[labels[pool] == cls]
+        v = int(np.count_nonzero(labels[val] == cls))
+        if v == 0:  # no validation example of this class in the search: none in a fold either
+            continue
+        per_cycle = max(1, len(members) // v)
+        perms = {}
+        for i in range(folds):
+            cycle, part = divmod(i, per_cycle)
+            if cycle not in perms:
+                perms[cycle] = members[rng.permutation(len(members))]
+            val_of[i].append(perms[cycle][part * v:(part + 1) * v])
     out = []
     for i in range(folds):
-        out.append(Splits(np.sort(pool[part != i]), np.sort(pool[part == i]), splits.test))
+        fold_val = np.sort(np.concatenate(val_of[i])) if val_of[i] else np.empty(0, dtype=pool.dtype)
+        out.append(Splits(np.sort(np.setdiff1d(pool, fold_val)), fold_val, splits.test))
     return out
 
 
