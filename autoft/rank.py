@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -120,8 +120,9 @@ def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCach
     """Pooled features of the frozen backbone (a zoo name or a built backbone) for the examples of
     ``on``, and their labels.
 
-    ``keep_unfreeze``: unfreeze counts the search will try on this backbone; the same pass keeps their
-    prefix outputs in the cache (``FeatureCache.prefix(..., keep=)``), so those trials start from them.
+    ``keep_unfreeze``: unfreeze counts the search will try on this backbone, most wanted first; the same
+    pass keeps their prefix outputs in the cache (``FeatureCache.prefix(..., keep=)``, in that order while
+    they fit), so those trials start from them. Ignored on the streamed path (features on disk).
 
     Computed for train + validation (the rows head-only trials use, so they share the cache entry):
     in memory from the encoded images, or, when the encoded images would exceed the task's memory
@@ -286,12 +287,17 @@ def plan_first_trials(req, task_data: TaskData, cache: FeatureCache,
     if len(backbones) < 2:
         return [], prior_params([BackboneScore(b) for b in backbones], policy, req.space, task_shape(task_data))
     t0 = time.perf_counter()
-    # the ranking's pass over each whole backbone also keeps the prefixes of the depths the space can try
-    keep = {b: req.space.unfreeze_values(b) for b in backbones}
+    # the ranking's pass over each whole backbone also keeps the prefixes of the depths the space can try:
+    # the first trials' depths first (whichever backbone ranks first), then the fewest stages unfrozen first
+    shape = task_shape(task_data)
+    every = replace(policy, enqueue=len(backbones), drop_below=None)
+    firsts = prior_params([BackboneScore(b) for b in backbones], every, req.space, shape)
+    keep = {b: list(dict.fromkeys([p["unfreeze"] for p in firsts if p["backbone"] == b and "unfreeze" in p]
+                                  + req.space.unfreeze_values(b))) for b in backbones}
     scores = rank_backbones(task_data, backbones, cache, methods=policy.methods, keep_unfreeze=keep)
     log.info("ranked %d backbones in %.1fs: %s", len(scores), time.perf_counter() - t0,
              ", ".join(f"{s.backbone} {s.logme:.3f}" if s.logme is not None else s.backbone for s in scores))
-    return scores, prior_params(scores, policy, req.space, task_shape(task_data))
+    return scores, prior_params(scores, policy, req.space, shape)
 
 
 def apply_ranking(study, req, task_data: TaskData, cache: FeatureCache, policy: RankPolicy) -> list[BackboneScore]:

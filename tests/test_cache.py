@@ -186,7 +186,10 @@ def test_one_pass_keeps_shallower_splits_exactly(tiny_digits, tmp_path):
     # a bound that fits only the deepest split (the fewest stages unfrozen) keeps only that one
     _, capped = compute_prefix(bb, encoded[rows], ns, keep=(ns - 1, ns - 4),
                                keep_bytes=state_nbytes(kept[ns - 1]) + 1)
-    assert sorted(capped) == [ns - 1]
+    assert sorted(capped) == [ns - 1] and torch.equal(capped[ns - 1], kept[ns - 1])
+    # the order asked is the priority: the shallower split first, then nothing else fits
+    _, first = compute_prefix(bb, encoded[rows], ns, keep=(ns - 4, ns - 1), keep_bytes=state_nbytes(kept[ns - 4]) + 1)
+    assert sorted(first) == [ns - 4] and torch.equal(first[ns - 4], kept[ns - 4])
 
     # through the ranking: the splits of unfreeze 1 and 4 are kept, and trials at those depths hit them
     f, _ = frozen_features("resnet20", tiny_digits, cache, keep_unfreeze=[0, 1, 4])

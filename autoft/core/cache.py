@@ -410,9 +410,10 @@ class FeatureCache:
 
         ``keep``: shallower splits (``0 < s < split``) whose outputs the same pass also stores, as entries of
         their own, when it has to run (the ranking's pass over the whole frozen backbone keeps the splits
-        that the space's trials will start from, so a trial at those depths computes nothing; at most
-        :attr:`keep_share` of ``max_bytes`` is kept that way, the deepest splits first). A pass that is not
-        needed (the entry is cached) computes nothing for ``keep``. Kept entries live in memory only."""
+        that the space's trials will start from, so a trial at those depths computes nothing). One pass keeps
+        at most :attr:`keep_share` of ``max_bytes``, splits taken in the order of ``keep`` (the caller's
+        priority); kept entries live in memory only and are evicted like any other. A pass that is not
+        needed (the entry is cached) computes nothing for ``keep``."""
         key = self.prefix_key(backbone, digest, split, rows, device)
         if key in self._prefix:
             self.hits += 1
@@ -426,7 +427,7 @@ class FeatureCache:
             self.misses += 1
             t0 = time.perf_counter()
             sub = state if rows is None else index_state(state, rows)
-            extra = {s: self.prefix_key(backbone, digest, s, rows, device) for s in sorted(set(keep), reverse=True)
+            extra = {s: self.prefix_key(backbone, digest, s, rows, device) for s in dict.fromkeys(keep)
                      if 0 < s < split}
             extra = {s: k for s, k in extra.items() if k not in self._prefix}
             out, kept = compute_prefix(backbone, sub, split, device, batch_size, keep=tuple(extra),
@@ -539,13 +540,15 @@ def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", b
 
     ``keep`` (shallower splits, ``0 < s < split``): the same pass also returns the outputs of stages [0, s),
     exactly what a pass to ``s`` gives (the same stages on the same batches); then the result is
-    ``(output, {s: output_s})``. ``keep_bytes`` bounds what is kept (measured on the first batch): splits
-    are kept from the deepest down while their total fits."""
+    ``(output, {s: output_s})`` (whenever ``keep`` or ``keep_bytes`` is given). ``keep_bytes`` bounds what is
+    kept (measured on the first batch): splits are taken in the order of ``keep`` (the caller's priority),
+    each kept if it still fits."""
     from autoft.core.gpu import to_device
     from autoft.core.precision import no_autocast
 
-    keep = tuple(sorted({int(s) for s in keep if 0 < int(s) < split}))
-    with_keep = bool(keep) or keep_bytes is not None
+    with_keep = bool(keep) or keep_bytes is not None  # the shape of the result follows the call, not the filter
+    priority = list(dict.fromkeys(int(s) for s in keep if 0 < int(s) < split))
+    keep = tuple(sorted(priority))
     device = torch.device(device)
     backbone.to(device)
     was_training = backbone.training
@@ -579,12 +582,12 @@ def compute_prefix(backbone: Backbone, state: State, split: int, device="cpu", b
                 out = backbone.pool(out)
         parts.append(_cpu(out, split != backbone.num_stages))
         if i == 0 and kept_parts and keep_bytes is not None:
-            # what keeping each split costs for all n examples, from this first batch: the deepest splits
-            # (the fewest stages unfrozen: the likeliest trials) are kept while the total fits
+            # what keeping each split costs for all n examples, from this first batch: splits are taken in
+            # the order asked (the caller's priority) and each one is kept if it still fits
             per = {s: state_nbytes(p[0]) * n / max(1, len(p[0][0]) if isinstance(p[0], tuple) else len(p[0]))
                    for s, p in kept_parts.items()}
             total, fit = 0.0, set()
-            for s in sorted(per, reverse=True):
+            for s in priority:
                 if total + per[s] <= keep_bytes:
                     total += per[s]
                     fit.add(s)
