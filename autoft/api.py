@@ -189,9 +189,10 @@ def search(task, *, space: str | Path | None = None, overrides: dict[str, Any] |
     start of the command, so that its imports count too); default: this call.
 
     ``finalists`` (default: the task's ``budget.finalists``, 3; 0 turns them off): before the final check
-    the best distinct completed configurations are re-run with ``finalist_seeds`` seeds (the trial's own
-    and more; default 3) or, with ``finalist_mode="cv"``, on that many folds of train+validation, and the
-    winner is the one with the best mean (:mod:`autoft.study.finalists`; ``result.finalists``).
+    the best distinct completed configurations are re-run on ``finalist_seeds`` (default 3) stratified folds of
+    train+validation (``finalist_mode``, default the task's ``budget.finalist_mode``: ``cv``) or, with
+    ``finalist_mode="seeds"``, with that many seeds (the trial's own and more), and the winner is the one
+    with the best mean (:mod:`autoft.study.finalists`; ``result.finalists``).
 
     ``objectives`` (default: the task's ``objectives``, else the metric alone): ``"accuracy,latency"`` runs a
     multi-objective study of the task's metric and the model's CPU latency at batch 1 (``latency_cpu_b64``,

@@ -329,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run the K best distinct configurations before choosing the winner by their mean "
                         "(0: off; default: the task's budget.finalists, 3)")
     s.add_argument("--finalist-seeds", type=int, metavar="S",
-                   help="seeds per finalist: its own + S-1 more, or S folds with --finalist-mode cv (default 3)")
+                   help="folds per finalist (cv), or seeds: its own + S-1 more (--finalist-mode seeds); default: the "
+                        "task's budget.finalist_seeds, 3")
     s.add_argument("--finalist-mode", choices=["seeds", "cv"],
-                   help="seeds (default): re-run with more seeds; cv: folds of train+validation (small data)")
+                   help="cv (default: the task's budget.finalist_mode): stratified folds of train+validation at "
+                        "the search's split sizes; seeds: re-run with more seeds")
     s.set_defaults(func=cmd_search)
 
     r = sub.add_parser("report", help="(re)write results files of a study")

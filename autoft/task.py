@@ -100,9 +100,10 @@ class BudgetSpec(_Model):
     max_epochs: int = Field(8, ge=1)
     # the finalists (autoft.study.finalists): the top configurations re-run before the winner is chosen by the mean
     finalists: int = Field(3, ge=0, description="distinct configurations re-run before choosing (0: off)")
-    finalist_seeds: int = Field(3, ge=0, description="seeds per finalist (its own + the rest; cv: folds)")
-    finalist_mode: Literal["seeds", "cv"] = Field("seeds", description=(
-        "seeds: re-run with more seeds; cv: stratified folds of train+validation (small data)"))
+    finalist_seeds: int = Field(3, ge=0, description="folds per finalist (cv), or seeds (its own + the rest)")
+    finalist_mode: Literal["seeds", "cv"] = Field("cv", description=(
+        "cv: stratified folds of train+validation at the search's split sizes (the default: the winner's "
+        "validation-to-test gap was the smallest this way); seeds: re-run with more seeds"))
 
 
 class Task(_Model):

@@ -2,26 +2,28 @@
 
 For each task and seed, one small autoft search (``autoft.search``: ranking, first-trial recipes, TPE,
 Hyperband, the frozen-prefix cache) with the finalists on (``--finalists`` best distinct configurations,
-``--finalist-seeds`` seeds each: the trial's own + the rest). From its ``finalists`` record:
+``--finalist-seeds`` folds each, or seeds with ``--finalist-mode seeds``). From its ``finalists`` record:
 
 * **single-seed winner** (the study's best trial, what autoft chose before the finalists): its validation
   score and its test score (a refit with its own seed, scored once on the test split);
-* **finalists winner** (best mean): its validation mean over the seeds and its test score (the search's
+* **finalists winner** (best mean): its validation mean over the folds or seeds and its test score (the search's
   final check: a refit with the trial's own seed);
 * the gap = validation − test of each, and whether the choice changed.
 
 The seed ``s`` sets the task's ``seed`` (sampler, initialisation) and its split seed, so every seed has
 its own validation and test sets (a gap measured on one split would be one draw). Results go to
-``benchmarks/results/selection.json`` and ``selection.md`` (``--name`` another name). ``--finalist-mode cv``
-re-runs the finalists on folds of train+validation at the search's split sizes instead of seeds: their mean is
-then measured on validation examples the search did not choose them on.
+``benchmarks/results/selection_<mode>.json`` and ``.md`` (``--name`` another name). ``--finalist-mode cv`` (the
+default, as in ``autoft search``) re-runs the finalists on folds of train+validation at the search's split sizes:
+their mean then comes from other draws of the data, scored on held-out parts only partly the search's validation
+split; ``seeds`` re-runs them
+with more seeds on the search's own split.
 
     nice -n 5 python benchmarks/bench_selection.py                       # digits-fewshot, 5 seeds
     python benchmarks/bench_selection.py --tasks digits-fewshot sms-spam   # + sms-spam head only, 3 seeds
     python benchmarks/bench_selection.py --tasks digits-fewshot --seeds 0 1 --n-trials 6
     python benchmarks/bench_selection.py --tasks sms-spam banking77 --sms-seeds 0 1 2 3 4 --append
-      # adds these tasks' runs to the stored selection.json (runs of other tasks are kept)
-    python benchmarks/bench_selection.py --finalist-mode cv --name selection_cv   # folds instead of seeds
+      # adds these tasks' runs to the stored selection_cv.json (runs of other tasks are kept)
+    python benchmarks/bench_selection.py --finalist-mode seeds   # seeds instead of folds: selection_seeds.json/.md
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ PRESETS = {
 }
 
 
-def run_one(task_name: str, seed: int, n_trials: int, overrides: dict, k: int, seeds: int, mode: str = "seeds") -> dict:
+def run_one(task_name: str, seed: int, n_trials: int, overrides: dict, k: int, seeds: int, mode: str = "cv") -> dict:
     import autoft
     from autoft.core import FeatureCache, fine_tune_and_score
     from autoft.core.config import TrialConfig
@@ -148,16 +150,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sms-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of sms-spam (costlier)")
     ap.add_argument("--n-trials", type=int, default=None, help="default: per task (digits-fewshot 12, sms-spam 8)")
     ap.add_argument("--finalists", type=int, default=3)
-    ap.add_argument("--finalist-seeds", type=int, default=3, help="seeds, or folds with --finalist-mode cv")
-    ap.add_argument("--finalist-mode", choices=["seeds", "cv"], default="seeds")
-    ap.add_argument("--name", default="selection", help="results file name (default selection: .json and .md)")
+    ap.add_argument("--finalist-seeds", type=int, default=3, help="folds (cv), or seeds with --finalist-mode seeds")
+    ap.add_argument("--finalist-mode", choices=["seeds", "cv"], default="cv", help="as autoft search (default cv)")
+    ap.add_argument("--name", default=None, help="results file name (default selection_<finalist mode>: .json, .md)")
     ap.add_argument("--max-minutes", type=float, default=15.0,
                     help="a task is started only while the runs so far leave time for it (estimated)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--append", action="store_true",
-                    help="keep the runs stored in OUT/selection.json of the tasks not run now (the summary is over all)")
+                    help="keep the runs stored in OUT/<name>.json of the tasks not run now (the summary is over all)")
     args = ap.parse_args(argv)
+    args.name = args.name or f"selection_{args.finalist_mode}"
     _util.setup(args.threads)
     import logging
 

@@ -48,7 +48,7 @@ def searched(fewshot, tmp_path_factory):
     seen = Collect()
     r = autoft.search(task, overrides=OVERRIDES, n_trials=4, pruner="none", rank=False, task_data=td,
                       results_dir=tmp_path_factory.mktemp("fin"), finalists=3, finalist_seeds=3, callbacks=[seen],
-                      evaluate=False)
+                      evaluate=False, finalist_mode="seeds")
     return r, seen
 
 
@@ -127,7 +127,7 @@ def test_a_time_budget_too_small_skips_them_with_a_message(searched, fewshot):
     clock = TimeBudget(10, clock=lambda: now[0])
     now[0] = clock.deadline - 1  # a second left
     before = dict(r.study.user_attrs[ATTR_FINALISTS])
-    out = run_finalists(r.study, td, FinalistsSpec(3, 3), clock=clock)
+    out = run_finalists(r.study, td, FinalistsSpec(3, 3, "seeds"), clock=clock)
     assert out.skipped and "finalists' re-runs" in out.skipped and "skipped to keep the 10 s time budget" in out.skipped
     assert "--finalists 0" in out.skipped
     assert out.chosen.number == out.single.number == r.study.best_trial.number and out.record is None
@@ -160,7 +160,7 @@ def test_cross_validation_folds(searched, fewshot):
     va = np.concatenate([70 + np.arange(15), 170 + np.arange(15)])
     frac = cv_folds(Splits(tr, va, np.concatenate([85 + np.arange(15), 185 + np.arange(15)])), y, 5, seed=1)
     assert [len(f.val) for f in frac] == [30] * 5 and [len(f.train) for f in frac] == [140] * 5
-    assert len(set(np.concatenate([f.val for f in frac]))) == 150  # disjoint, covering the pool
+    assert len(set(np.concatenate([f.val for f in frac]))) == 150  # 5 disjoint parts of the 170-example pool
     out = run_finalists(r.study, td, FinalistsSpec(2, 2, "cv"), record=False)
     assert [f["folds"] for f in out.record["finalists"]] == [[0, 1], [0, 1]]
     assert all(f["source"] == ["re-run", "re-run"] and f["n"] == 2 for f in out.record["finalists"])
@@ -200,8 +200,9 @@ def test_disabled_is_todays_behaviour_and_the_cli_prints_them(fewshot, tmp_path,
             "--pruner", "none", "--no-rank", "--no-evaluate", "--finalists", "2", "--finalist-seeds", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "finalists 1/2: trial #" in out and "finalists 2/2" in out
-    assert "finalists (mean of 2 seeds; 95 % t-interval of the mean):" in out
+    # the default mode: 2 cross-validation folds per finalist
+    assert "finalists 1/4: trial #" in out and "finalists 4/4" in out and " fold 2: accuracy " in out
+    assert "finalists (mean of 2-fold cross-validation of train+validation; 95 % t-interval of the mean):" in out
     assert "the choice" in out and " · finalists " in out  # the time line has the phase
 
 
@@ -221,3 +222,18 @@ def test_export_and_evaluate_default_to_the_finalists_choice(searched):
     finally:
         r.study.set_user_attr(ATTR_FINALISTS, rec)
     assert select_trial(r.study, None).number == rec["chosen_trial"]
+
+
+def test_recorded_fold_scores_are_reused_only_for_the_same_folds():
+    """A resumed study reuses a recorded fold score only when the folds are the same ones (scheme and seed):
+    folds of an older scheme, or drawn from another seed, are other examples."""
+    from autoft.study.finalists import FOLD_SCHEME, _previous_scores
+
+    spec = FinalistsSpec(2, 2, "cv")
+    rec = {"mode": "cv", "seeds": 2, "fold_scheme": FOLD_SCHEME, "fold_seed": 7,
+           "finalists": [{"trial": 3, "seeds": [7, 7], "folds": [0, 1], "scores": [0.9, 0.8],
+                          "source": ["re-run", "re-run"]}]}
+    assert _previous_scores(rec, spec, 7) == {(3, 7, 0): 0.9, (3, 7, 1): 0.8}
+    assert _previous_scores(rec, spec, 8) == {}  # another fold seed
+    assert _previous_scores({**rec, "fold_scheme": None}, spec, 7) == {}  # recorded before the scheme was
+    assert _previous_scores(rec, FinalistsSpec(2, 3, "cv"), 7) == {}  # another number of folds

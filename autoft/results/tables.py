@@ -167,7 +167,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         return min(front, key=lambda t: (sign * t.values[0], t.values[1], t.number))
     from autoft.study.finalists import chosen_trial
 
-    # the finalists' choice (re-run over seeds, chosen by mean) when the study records one that still stands
+    # the finalists' choice (re-run on folds or seeds, chosen by mean) when the study records one that still stands
     return chosen_trial(study)
 
 

@@ -4,11 +4,11 @@ A winner chosen by one run on a small validation set overstates itself: of many 
 one whose single seed scored highest is partly the luckiest. After the search (Optuna or Ray: the
 trials live in the Optuna study either way) the top ``k`` *distinct* completed configurations are
 re-run with more seeds (``mode="seeds"``: the trial's own seed plus ``seeds - 1`` more) or on
-stratified cross-validation folds of train+validation at the search's split sizes (``mode="cv"``,
-:func:`cv_folds`), scored on validation, and the
+stratified cross-validation folds of train+validation at the search's split sizes (``mode="cv"``, the
+default, :func:`cv_folds`), scored on validation, and the
 winner is the configuration with the best **mean** (in the task's direction). Each finalist gets its
 mean, standard deviation (``ddof=1``), a 95 % **t-interval** of the mean (``mean ± t(0.975, n-1) ·
-std / sqrt(n)``) and its per-seed scores.
+std / sqrt(n)``) and its per-fold (or per-seed) scores.
 
 * In ``seeds`` mode the trial's own seed is not re-run: its score is the trial's recorded value (the
   core is deterministic for a seed; the tests check a re-run reproduces it). Seeds are ``s, s+1, ...``
@@ -16,7 +16,8 @@ std / sqrt(n)``) and its per-seed scores.
 * In ``cv`` mode every finalist is trained once per fold with its own seed: fold ``i`` validates on
   the ``i``-th stratified part of train+validation, as large per class as the search's validation
   split, and trains on the rest (as large as the search's training split; the test split is never
-  touched). Its mean is then measured on examples the search did not select it on. Every fold touches the same examples as the search, so the frozen-prefix cache is reused.
+  touched). Its mean then comes from models trained on other draws of the data, scored on held-out parts of
+  which only a share is the validation split it was selected on. Every fold touches the same examples as the search, so the frozen-prefix cache is reused.
 * The winner keeps **its trial's configuration and seed**: the final check, the export and
   ``best.yaml`` are that recorded trial (``autoft train --config best.yaml`` re-runs it exactly). The
   seed does not change the expected test score; the mean only decides *which* configuration.
@@ -51,6 +52,9 @@ from autoft.study.record import ATTR_CONFIG, ATTR_FINALISTS, ATTR_SECONDS
 log = logging.getLogger(__name__)
 
 MODES = ("seeds", "cv")
+# the scheme of cv_folds: recorded with the folds' seed, so that a resumed study reuses a recorded fold score
+# only when the folds are the same ones (an older scheme or another seed draws other folds)
+FOLD_SCHEME = "stratified, search split sizes, v2"
 INTERVAL = "95 % t-interval of the mean"
 RERUN_EXTRA = 0.5  # seconds per re-run beyond its trial's own time (building the model, scoring)
 
@@ -60,8 +64,8 @@ class FinalistsSpec:
     """How many configurations to re-run (``k``), with how many seeds or folds, and how."""
 
     k: int = 3
-    seeds: int = 3  # seeds mode: the trial's own seed + (seeds - 1) more; cv mode: the number of folds
-    mode: str = "seeds"
+    seeds: int = 3  # cv mode: the number of folds; seeds mode: the trial's own seed + (seeds - 1) more
+    mode: str = "cv"
 
     def __post_init__(self):
         from autoft.errors import ConfigError
@@ -327,10 +331,11 @@ def run_finalists(study, task_data, spec: FinalistsSpec, *, cache=None, clock=No
 
     t_start = time.monotonic()
     previous = study.user_attrs.get(ATTR_FINALISTS)
-    reuse = _previous_scores(previous, spec)
+    fold_seed = _seed_of(single) if spec.mode == "cv" else None
+    reuse = _previous_scores(previous, spec, fold_seed)
     total = len(finalists) * runs
     metric = task_data.metric
-    folds = cv_folds(task_data.splits, np.asarray(task_data.data.labels), spec.seeds, _seed_of(single)) \
+    folds = cv_folds(task_data.splits, np.asarray(task_data.data.labels), spec.seeds, fold_seed) \
         if spec.mode == "cv" else None
     events, rows, index = [], [], 0
     for rank, t in enumerate(finalists, 1):
@@ -400,6 +405,7 @@ def run_finalists(study, task_data, spec: FinalistsSpec, *, cache=None, clock=No
     chosen = next(t for t in finalists if t.number == chosen_number)
     seconds = time.monotonic() - t_start
     rec = {"mode": spec.mode, "k": spec.k, "seeds": spec.seeds, "chosen_by": spec.describe(),
+           **({"fold_scheme": FOLD_SCHEME, "fold_seed": fold_seed} if spec.mode == "cv" else {}),
            "interval": INTERVAL, "metric": metric, "direction": direction,
            "single_seed_trial": single.number, "chosen_trial": chosen.number,
            "changed": chosen.number != single.number, "winner_seed": "the chosen trial's own seed",
@@ -418,11 +424,14 @@ def _seed_of(t: FrozenTrial) -> int:
     return int(s) if isinstance(s, int) and not isinstance(s, bool) else 0
 
 
-def _previous_scores(rec, spec: FinalistsSpec) -> dict:
+def _previous_scores(rec, spec: FinalistsSpec, fold_seed: int | None = None) -> dict:
     """Scores of re-runs recorded by an earlier run of the same finalists settings (a resumed study):
-    ``(trial, seed, fold) -> score``; they are used instead of running again."""
+    ``(trial, seed, fold) -> score``; they are used instead of running again. Fold scores count only when
+    the recorded folds are the same ones (:data:`FOLD_SCHEME` and the folds' seed)."""
     out = {}
     if not isinstance(rec, dict) or rec.get("mode") != spec.mode or rec.get("seeds") != spec.seeds:
+        return out
+    if spec.mode == "cv" and (rec.get("fold_scheme") != FOLD_SCHEME or rec.get("fold_seed") != fold_seed):
         return out
     for f in rec.get("finalists") or []:
         try:
