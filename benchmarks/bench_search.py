@@ -360,6 +360,8 @@ def main(argv=None) -> int:
     print(f"target: {task.metric} >= {target:.4f}", flush=True)
     # looser targets, recorded on the way (each run still stops at the target above, or its cap)
     also = {f"{p:g}": ref["best"] - p / 100 - 1e-6 for p in args.also_points if p / 100 > POINTS}
+    if len(also) < len(args.also_points):
+        print(f"--also-points: values of at most {100 * POINTS:g} points are the target itself; left out", flush=True)
 
     rows = []
     for seed in args.seeds:
@@ -519,14 +521,22 @@ def render_also(doc: dict, anchors: list[str]) -> list[str]:
                 else:
                     row[f"vs {ANCHOR_NAMES[a]}"] = "-"
             table.append(row)
+        if not table:
+            continue
         med = {a: statistics.median(x for x, _ in v) if v else None for a, v in ratios.items()}
         extra[label] = {"target": thr, "median_speedup": med, "speedups": ratios}
+        columns = list(dict.fromkeys(k for row in table for k in row))
+
+        def bounds(v):
+            lo, hi = sum(k == "lower bound" for _, k in v), sum(k == "upper bound" for _, k in v)
+            parts = [f"{lo} lower bound{'s' if lo != 1 else ''}"] * bool(lo) + \
+                [f"{hi} upper bound{'s' if hi != 1 else ''}"] * bool(hi)
+            return f" ({', '.join(parts)})" if parts else ""
+
         md += [f"### Looser target: {label} points below the reference best ({doc['metric']} >= {thr:.4f}), same runs",
-               "", _util.md_table(table, list(table[0].keys())), ""]
-        md += [f"Median ratio against {ANCHOR_NAMES[a]}: **{med[a]:.1f}x** over {len(ratios[a])} seeds"
-               + (f" ({sum(k == 'lower bound' for _, k in ratios[a])} lower bounds)" if any(
-                   k == "lower bound" for _, k in ratios[a]) else "") if med[a] is not None
-               else f"Against {ANCHOR_NAMES[a]}: undetermined" for a in anchors]
+               "", _util.md_table(table, columns), ""]
+        md += [f"Median ratio against {ANCHOR_NAMES[a]}: **{med[a]:.1f}x** over {len(ratios[a])} seeds{bounds(ratios[a])}"
+               if med[a] is not None else f"Against {ANCHOR_NAMES[a]}: undetermined" for a in anchors]
         md.append("")
     return md
 
