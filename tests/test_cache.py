@@ -201,3 +201,22 @@ def test_one_pass_keeps_shallower_splits_exactly(tiny_digits, tmp_path):
     assert cache.misses == 1 and cache.stats()["kept"] == 2  # no new pass
     fine_tune_and_score(_cfg(2), tiny_digits, cache=cache, use_cache=True)
     assert cache.misses == 2  # a depth that was not kept is computed as before
+
+
+def test_kept_text_prefixes_equal_separate_passes(sms_small):
+    """Text states are (hidden, mask) pairs, batched by length and padded back to the full width: a kept
+    split equals its own pass exactly (the same batches, the same padding)."""
+    from autoft.core.cache import compute_prefix
+
+    cache = FeatureCache(disk=False)
+    bb = cache.backbone("minilm").set_unfreeze(0)
+    encoded, _ = cache.encoded(sms_small, bb.preprocessing)
+    sub = tuple(t[:70] for t in encoded)  # 70 texts: two batches of 64 and 6, lengths sorted across them
+    ns = bb.num_stages
+    full, kept = compute_prefix(bb, sub, ns, batch_size=64, keep=(ns - 1, ns - 2))
+    assert sorted(kept) == [ns - 2, ns - 1] and torch.equal(full, compute_prefix(bb, sub, ns, batch_size=64))
+    for s, out in kept.items():
+        alone = compute_prefix(bb, sub, s, batch_size=64)
+        assert isinstance(out, tuple) and len(out) == len(alone)
+        assert all(torch.equal(a, b) for a, b in zip(out, alone)), s
+        assert out[0].shape[1] == sub[1].shape[1]  # padded back to the full width, as a separate pass does
