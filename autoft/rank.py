@@ -130,6 +130,9 @@ def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCach
     """
     bb = cache.backbone(backbone) if isinstance(backbone, str) else backbone
     bb.set_unfreeze(0)
+    if task.max_length and bb.preprocessing.modality == "text" and bb.preprocessing.max_length != task.max_length:
+        # the task's token budget, as the trials use it (train.py): the same features, the same cache entries
+        bb.preprocessing = replace(bb.preprocessing, max_length=task.max_length)
     rows = torch.from_numpy(np.union1d(task.splits.train, task.splits.val)).long()
     want = np.sort(np.concatenate([getattr(task.splits, s) for s in on]))
     pos = torch.from_numpy(np.searchsorted(rows.numpy(), want))

@@ -196,3 +196,19 @@ def test_first_trials_recipe_by_recipe_without_duplicates(digits_task):
     space_first = prior_params(scores, RankPolicy(), req.space)
     assert len(space_first) == len(req.space.first_trials)
     assert all(p["backbone"] == "resnet44" for p in space_first)
+
+
+def test_text_ranking_uses_the_tasks_token_budget(sms_small):
+    """The ranking's features use the task's max_length, as the trials do: a head-only trial then reads the
+    ranking's cache entry instead of computing its own pass."""
+    from autoft.core import FeatureCache, TaskData, TrialConfig, fine_tune_and_score
+    from autoft.data import stratified_split
+    from autoft.rank import frozen_features
+
+    task = TaskData(sms_small, stratified_split(sms_small.labels, val=0.2, test=0.2, seed=0), metric="accuracy",
+                    name="sms-small", max_length=24)
+    cache = FeatureCache(disk=False)
+    f, _ = frozen_features("minilm", task, cache)
+    assert cache.misses == 1 and f.shape[0] == len(task.splits.train)
+    fine_tune_and_score(TrialConfig(backbone="minilm", unfreeze=0, epochs=1, batch_size=16), task, cache=cache)
+    assert cache.misses == 1 and cache.hits >= 1  # the trial read the ranking's features
