@@ -26,7 +26,7 @@ import torch
 
 from autoft.core.cache import FeatureCache
 from autoft.core.config import TrialConfig
-from autoft.core.train import TaskData, memory_budget
+from autoft.core.train import TaskData, memory_budget, use_task_inputs
 from autoft.data.encode import streamed
 from autoft.core.device import resolve_device
 from autoft.study.record import ATTR_FIRST_TRIAL, ATTR_RANKING
@@ -130,9 +130,7 @@ def frozen_features(backbone: str | Backbone, task: TaskData, cache: FeatureCach
     """
     bb = cache.backbone(backbone) if isinstance(backbone, str) else backbone
     bb.set_unfreeze(0)
-    if task.max_length and bb.preprocessing.modality == "text" and bb.preprocessing.max_length != task.max_length:
-        # the task's token budget, as the trials use it (train.py): the same features, the same cache entries
-        bb.preprocessing = replace(bb.preprocessing, max_length=task.max_length)
+    use_task_inputs(bb, task)  # a text task's max_length, as in the trials: the same features, the same cache entries
     rows = torch.from_numpy(np.union1d(task.splits.train, task.splits.val)).long()
     want = np.sort(np.concatenate([getattr(task.splits, s) for s in on]))
     pos = torch.from_numpy(np.searchsorted(rows.numpy(), want))

@@ -115,7 +115,7 @@ def render(doc: dict) -> str:
     s_pts = [{**s, **{k: 100 * s[k] for k in ("gap_single", "gap_finalists", "abs_gap_single", "abs_gap_finalists")
                       if k in s}} for s in summ]
     st = doc["settings"]
-    how = (f"{st['finalist_seeds']}-fold cross-validation of train+validation at the search's split sizes (every fold "
+    how = (f"{st['finalist_seeds']} cross-validation folds of train+validation at the search's split sizes (every fold "
            "trains and validates on as many examples per class as the search)" if st.get("finalist_mode") == "cv"
            else f"{st['finalist_seeds']} seeds (the trial's own + the rest)")
     lines = ["## Selection: validation-to-test gap of the chosen winner", "",

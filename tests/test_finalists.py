@@ -164,7 +164,7 @@ def test_cross_validation_folds(searched, fewshot):
     out = run_finalists(r.study, td, FinalistsSpec(2, 2, "cv"), record=False)
     assert [f["folds"] for f in out.record["finalists"]] == [[0, 1], [0, 1]]
     assert all(f["source"] == ["re-run", "re-run"] and f["n"] == 2 for f in out.record["finalists"])
-    assert out.record["chosen_by"].startswith("mean of 2-fold cross-validation")
+    assert out.record["chosen_by"] == "mean of 2 cross-validation folds of train+validation"
 
 
 def test_distinct_configurations_and_a_stale_record():
@@ -202,7 +202,7 @@ def test_disabled_is_todays_behaviour_and_the_cli_prints_them(fewshot, tmp_path,
     out = capsys.readouterr().out
     # the default mode: 2 cross-validation folds per finalist
     assert "finalists 1/4: trial #" in out and "finalists 4/4" in out and " fold 2: accuracy " in out
-    assert "finalists (mean of 2-fold cross-validation of train+validation; 95 % t-interval of the mean):" in out
+    assert "finalists (mean of 2 cross-validation folds of train+validation; 95 % t-interval of the mean):" in out
     assert "the choice" in out and " · finalists " in out  # the time line has the phase
 
 

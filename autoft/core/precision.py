@@ -27,7 +27,6 @@ import contextlib
 import torch
 
 from autoft.core.env import env_flag
-
 from autoft.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

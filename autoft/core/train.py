@@ -72,6 +72,15 @@ class FineTuneResult:
         return d
 
 
+def use_task_inputs(backbone, task: "TaskData") -> None:
+    """What the task changes in the backbone's preprocessing: a text task's ``max_length`` (tokens kept per
+    example). Trials and the ranking both call this, so that they encode the same inputs (and share cache
+    entries)."""
+    if task.max_length and backbone.preprocessing.modality == "text" \
+            and backbone.preprocessing.max_length != task.max_length:
+        backbone.preprocessing = dataclasses.replace(backbone.preprocessing, max_length=task.max_length)
+
+
 def resolve_device(device: str) -> torch.device:
     """The trial's torch device: the search resolves it once (:func:`autoft.core.device.resolve_device`,
     so the ranking, every trial and the final check agree); a direct caller may still pass ``auto``."""
@@ -325,8 +334,7 @@ def _fine_tune(cfg: TrialConfig, task: TaskData, reporter: Reporter, *, cache: F
     if cfg.augment != "none" and backbone.preprocessing.modality != "image":
         raise ConfigError(f"augment={cfg.augment} is for images; backbone '{cfg.backbone}' takes text",
                           field="augment")
-    if task.max_length and backbone.preprocessing.modality == "text":
-        backbone.preprocessing = dataclasses.replace(backbone.preprocessing, max_length=task.max_length)
+    use_task_inputs(backbone, task)
     split = backbone.split
     pre = backbone.preprocessing
     train_idx, eval_idx = _indices(task.splits, train_on), _indices(task.splits, evaluate_on)

@@ -89,7 +89,7 @@ class FinalistsSpec:
 
     def describe(self) -> str:
         return (f"mean of {self.seeds} seeds" if self.mode == "seeds"
-                else f"mean of {self.seeds}-fold cross-validation of train+validation")
+                else f"mean of {self.seeds} cross-validation folds of train+validation")
 
 
 @dataclass(frozen=True)
