@@ -5,10 +5,10 @@ one whose single seed scored highest is partly the luckiest. After the search (O
 trials live in the Optuna study either way) the top ``k`` *distinct* completed configurations are
 re-run with more seeds (``mode="seeds"``: the trial's own seed plus ``seeds - 1`` more) or on
 stratified cross-validation folds of train+validation at the search's split sizes (``mode="cv"``, the
-default, :func:`cv_folds`), scored on validation, and the
-winner is the configuration with the best **mean** (in the task's direction). Each finalist gets its
-mean, standard deviation (``ddof=1``), a 95 % **t-interval** of the mean (``mean ± t(0.975, n-1) ·
-std / sqrt(n)``) and its per-fold (or per-seed) scores.
+default, :func:`cv_folds`), scored on validation, and the winner is the configuration with the
+best **mean** (in the task's direction). Each finalist gets its mean, standard deviation (``ddof=1``),
+a 95 % **t-interval** of the mean (``mean ± t(0.975, n-1) · std / sqrt(n)``) and its per-fold (or
+per-seed) scores.
 
 * In ``seeds`` mode the trial's own seed is not re-run: its score is the trial's recorded value (the
   core is deterministic for a seed; the tests check a re-run reproduces it). Seeds are ``s, s+1, ...``
@@ -16,8 +16,9 @@ std / sqrt(n)``) and its per-fold (or per-seed) scores.
 * In ``cv`` mode every finalist is trained once per fold with its own seed: fold ``i`` validates on
   the ``i``-th stratified part of train+validation, as large per class as the search's validation
   split, and trains on the rest (as large as the search's training split; the test split is never
-  touched). Its mean then comes from models trained on other draws of the data, scored on held-out parts of
-  which only a share is the validation split it was selected on. Every fold touches the same examples as the search, so the frozen-prefix cache is reused.
+  touched). Its mean then comes from models trained on other draws of the data, scored on held-out
+  parts of which only a share is the validation split it was selected on. Every fold touches the same
+  examples as the search, so the frozen-prefix cache is reused.
 * The winner keeps **its trial's configuration and seed**: the final check, the export and
   ``best.yaml`` are that recorded trial (``autoft train --config best.yaml`` re-runs it exactly). The
   seed does not change the expected test score; the mean only decides *which* configuration.
